@@ -1,0 +1,174 @@
+"""`ReIDDataModule`: the re-id dataset as Lightning loaders of dict batches.
+
+Training batches come from `PKSampler`, which splits identities across DDP ranks itself, so the Trainer
+must be built with `use_distributed_sampler=False` (Lightning would otherwise try to re-wrap the batch
+sampler). Query and gallery images form one evaluation set, queries first; under DDP each rank reads a
+`DistributedSampler` shard, whose padding repeats are dropped by the metric through the "index" key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from agw_light.data.datasets import ReIDDataset, Sample, build_dataset
+from agw_light.data.samplers import PKSampler
+from agw_light.data.transforms import build_test_transform, build_train_transform
+
+SYNTHETIC = "synthetic"
+
+
+class ReIDImageDataset(Dataset):
+    """Samples as dict items; the first `num_query` samples are queries (evaluation sets list them first)."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, *, num_query: int = 0) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.num_query = num_query
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        path, pid, camid = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except OSError as error:  # missing, truncated or not an image (PIL.UnidentifiedImageError)
+            raise OSError(f"cannot read image file {path!r} (sample {index}): {error}") from error
+        return {
+            "image": self.transform(rgb),
+            "pid": pid,
+            "camid": camid,
+            "is_query": index < self.num_query,
+            "index": index,
+        }
+
+
+class ReIDDataModule(pl.LightningDataModule):
+    """A re-id benchmark ("market1501", "dukemtmcreid", "msmt17" or the generated "synthetic") as loaders.
+
+    `dataset_kwargs` go to `build_dataset` (for "synthetic": the generator's parameters).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        *,
+        height: int = 256,
+        width: int = 128,
+        batch_size: int = 64,
+        num_instances: int = 4,
+        test_batch_size: int = 128,
+        num_workers: int = 4,
+        seed: int = 0,
+        dataset_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.root = root
+        self.height = height
+        self.width = width
+        self.batch_size = batch_size
+        self.num_instances = num_instances
+        self.test_batch_size = test_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.dataset_kwargs = dict(dataset_kwargs or {})
+        self._dataset: ReIDDataset | None = None
+
+    @property
+    def dataset(self) -> ReIDDataset:
+        if self._dataset is None:
+            raise RuntimeError(f"ReIDDataModule({self.name!r}): call setup() before using the dataset")
+        return self._dataset
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities: the classifier's output size."""
+        return self.dataset.num_train_pids
+
+    @property
+    def num_query(self) -> int:
+        return len(self.dataset.query)
+
+    def prepare_data(self) -> None:
+        """Generates the synthetic set (Lightning calls this on one process per node); checks real roots."""
+        if self.name == SYNTHETIC:
+            build_dataset(self.name, self.root, **self.dataset_kwargs)
+        elif not Path(self.root).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"dataset root {self.root!r} for {self.name!r} does not exist; download the dataset and set "
+                "dataset.root to the folder that holds it"
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Parses the dataset once; later calls (Lightning calls setup per stage) reuse it."""
+        if self._dataset is not None:
+            return
+        self._dataset = build_dataset(self.name, self.root, **self.dataset_kwargs)
+        if self._is_global_zero():
+            print(self._dataset.summary(), flush=True)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train_dataloader(*self._replicas())
+
+    def val_dataloader(self) -> DataLoader:
+        return self.query_gallery_dataloader(*self._replicas())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.query_gallery_dataloader(*self._replicas())
+
+    def _is_global_zero(self) -> bool:
+        """Without a trainer (setup called by hand), the rank Lightning's launcher put in the environment."""
+        return self.trainer.is_global_zero if self.trainer is not None else rank_zero_only.rank == 0
+
+    def _replicas(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached trainer; one process without a trainer."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def _loader_options(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def _train_dataloader(self, num_replicas: int, rank: int) -> DataLoader:
+        train = self.dataset.train
+        sampler = PKSampler(
+            [pid for _, pid, _ in train],
+            num_instances=self.num_instances,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+        images = ReIDImageDataset(train, build_train_transform(self.height, self.width))
+        return DataLoader(images, batch_sampler=sampler, **self._loader_options())
+
+    def query_gallery_dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+        """Query then gallery images, unshuffled; item "index" is the position in that concatenation.
+
+        With the defaults one process reads everything (checkpoint evaluation after a DDP run); with a world
+        size each rank reads its shard (validation).
+        """
+        samples = self.dataset.query + self.dataset.gallery
+        transform = build_test_transform(self.height, self.width)
+        images = ReIDImageDataset(samples, transform, num_query=self.num_query)
+        shard = None
+        if num_replicas > 1:
+            shard = DistributedSampler(images, num_replicas, rank, shuffle=False, drop_last=False)
+        return DataLoader(
+            images, batch_size=self.test_batch_size, shuffle=False, sampler=shard, **self._loader_options()
+        )

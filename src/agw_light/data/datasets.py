@@ -1,0 +1,308 @@
+"""Re-id datasets as plain lists of (image path, pid, camid), parsed from the published folder layouts.
+
+Only file names and list files are read -- no image is opened or stat'ed -- so even MSMT17's 126k images
+parse in well under a second, and the result is the same on every run (names are sorted).
+
+Conventions shared by every parser (those of torchreid and fast-reid, so numbers are comparable):
+
+* Training pids are relabelled to 0..N-1 in the sorted order of the original pids, so they can index a
+  classifier; query and gallery keep their original pids, which only need to compare equal.
+* Camera ids are 0-based.
+* Market-1501: pid -1 ("junk" detections) is dropped everywhere; pid 0 (distractors) stays in the gallery,
+  where it makes retrieval harder, and is dropped from training, where it is not an identity.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+Sample = tuple[str, int, int]
+
+SPLITS = ("train", "query", "gallery")
+
+MARKET_FOLDER = "Market-1501-v15.09.15"
+DUKE_FOLDER = "DukeMTMC-reID"
+# Market-1501 and DukeMTMC-reID share the split folder names.
+SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+
+MARKET_NAME = re.compile(r"(-1|\d+)_c(\d+)s\d+_\d+_\d+\.jpg")
+MARKET_NAME_TEXT = "'<pid>_c<camera>s<sequence>_<frame>_<box>.jpg' (e.g. '0002_c1s1_000451_03.jpg')"
+DUKE_NAME = re.compile(r"(\d+)_c(\d+)_f\d+\.jpg")
+DUKE_NAME_TEXT = "'<pid>_c<camera>_f<frame>.jpg' (e.g. '0001_c2_f0046182.jpg')"
+# Market-1501 layout pids (DukeMTMC-reID has neither): junk detections and distractor people.
+JUNK_PID = -1
+DISTRACTOR_PID = 0
+
+# MSMT17 version folder -> (image folder of train+val lists, image folder of query+gallery lists).
+MSMT_VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
+# Split -> list files, in order; training merges list_val into list_train as torchreid and fast-reid do.
+MSMT_LISTS = {
+    "train": ("list_train.txt", "list_val.txt"),
+    "query": ("list_query.txt",),
+    "gallery": ("list_gallery.txt",),
+}
+# One list line: '<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>'; group 2 is the camera, group 3 the pid.
+MSMT_LINE = re.compile(r"((?:\S*/)?\d+_\d+_(\d+)_[^\s/]*\.jpg)\s+(\d+)\s*")
+MSMT_LINE_TEXT = (
+    "'<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>' (e.g. '0000/0000_000_01_0303morning_0015_0.jpg 0')"
+)
+MSMT_NUM_CAMS = 15
+
+
+@dataclass(frozen=True)
+class ReIDDataset:
+    """One re-id benchmark: ``root`` is the folder the splits were read from."""
+
+    name: str
+    root: str
+    train: list[Sample]
+    query: list[Sample]
+    gallery: list[Sample]
+
+    @property
+    def num_train_pids(self) -> int:
+        return len({pid for _, pid, _ in self.train})
+
+    @property
+    def num_cams(self) -> int:
+        return len({camid for split in SPLITS for _, _, camid in getattr(self, split)})
+
+    def statistics(self) -> dict[str, tuple[int, int, int]]:
+        """Split -> (ids, images, cameras): the numbers papers publish, to check a copy is complete."""
+        stats = {}
+        for split in SPLITS:
+            samples = getattr(self, split)
+            stats[split] = (
+                len({pid for _, pid, _ in samples}),
+                len(samples),
+                len({camid for _, _, camid in samples}),
+            )
+        return stats
+
+    def summary(self) -> str:
+        header = ("subset", "# ids", "# images", "# cameras")
+        rows = [(split, *(str(count) for count in counts)) for split, counts in self.statistics().items()]
+        widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+
+        def line(cells: tuple[str, ...]) -> str:
+            first, *numbers = cells
+            return " | ".join(
+                [first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(numbers, widths[1:], strict=True)]
+            )
+
+        rule = "-+-".join("-" * width for width in widths)
+        return "\n".join([f"Dataset {self.name} ({self.root})", line(header), rule, *map(line, rows)])
+
+
+def _relabel(samples: list[Sample]) -> list[Sample]:
+    labels = {pid: label for label, pid in enumerate(sorted({pid for _, pid, _ in samples}))}
+    return [(path, labels[pid], camid) for path, pid, camid in samples]
+
+
+def _check_root(root: str | Path, dataset: str, expected: str) -> Path:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{dataset} root {str(path)!r} does not exist or is not a folder; {expected}")
+    return path
+
+
+def _missing(folder: Path, folders: tuple[str, ...], files: tuple[str, ...] = ()) -> list[str]:
+    return [f"{name}/" for name in folders if not (folder / name).is_dir()] + [
+        name for name in files if not (folder / name).is_file()
+    ]
+
+
+def _locate_folder_layout(root: str | Path, dataset: str, folder: str) -> Path:
+    """The dataset folder, whether ``root`` holds it or is it."""
+    subfolders = tuple(SPLIT_FOLDERS.values())
+    expected = (
+        f"expected {folder}/ with sub-folders {', '.join(s + '/' for s in subfolders)} inside it "
+        "(or those sub-folders directly in the root)"
+    )
+    path = _check_root(root, dataset, expected)
+    for candidate in (path / folder, path):
+        if not _missing(candidate, subfolders):
+            return candidate
+    if (path / folder).is_dir():
+        missing = ", ".join(_missing(path / folder, subfolders))
+        raise FileNotFoundError(f"{dataset} folder {str(path / folder)!r} lacks {missing}; {expected}")
+    raise FileNotFoundError(f"{str(path)!r} is not a {dataset} root: {expected}")
+
+
+def _scan_split(
+    split_dir: str, pattern: re.Pattern[str], pattern_text: str, num_cams: int | None
+) -> list[Sample]:
+    """Every .jpg in the folder (other files, e.g. Windows' Thumbs.db, are not images and are skipped)."""
+    names = sorted(entry.name for entry in os.scandir(split_dir) if entry.name.endswith(".jpg"))
+    samples = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None:
+            raise ValueError(
+                f"cannot parse image name {os.path.join(split_dir, name)!r}: expected {pattern_text}"
+            )
+        camera = int(match[2])
+        if camera < 1 or (num_cams is not None and camera > num_cams):
+            limit = f"1..{num_cams}" if num_cams is not None else ">= 1"
+            raise ValueError(
+                f"image {os.path.join(split_dir, name)!r} has camera c{camera}; expected a camera in {limit}"
+            )
+        samples.append((f"{split_dir}{os.sep}{name}", int(match[1]), camera - 1))
+    return samples
+
+
+def _parse_folder_layout(
+    root: str | Path,
+    *,
+    name: str,
+    dataset: str,
+    folder: str,
+    pattern: re.Pattern[str],
+    pattern_text: str,
+    num_cams: int | None,
+) -> ReIDDataset:
+    dataset_dir = os.path.abspath(_locate_folder_layout(root, dataset, folder))
+    splits = {}
+    for split, subfolder in SPLIT_FOLDERS.items():
+        split_dir = os.path.join(dataset_dir, subfolder)
+        samples = [
+            sample
+            for sample in _scan_split(split_dir, pattern, pattern_text, num_cams)
+            if sample[1] != JUNK_PID and not (split == "train" and sample[1] == DISTRACTOR_PID)
+        ]
+        if not samples:
+            raise ValueError(f"{dataset} split {split!r} has no usable images in {split_dir!r}")
+        splits[split] = samples
+    return ReIDDataset(name, dataset_dir, _relabel(splits["train"]), splits["query"], splits["gallery"])
+
+
+def parse_market1501(root: str | Path) -> ReIDDataset:
+    """``root`` holds Market-1501-v15.09.15/ or is it."""
+    return _parse_folder_layout(
+        root,
+        name="market1501",
+        dataset="Market-1501",
+        folder=MARKET_FOLDER,
+        pattern=MARKET_NAME,
+        pattern_text=MARKET_NAME_TEXT,
+        num_cams=6,
+    )
+
+
+def parse_dukemtmcreid(root: str | Path) -> ReIDDataset:
+    """``root`` holds DukeMTMC-reID/ or is it."""
+    return _parse_folder_layout(
+        root,
+        name="dukemtmcreid",
+        dataset="DukeMTMC-reID",
+        folder=DUKE_FOLDER,
+        pattern=DUKE_NAME,
+        pattern_text=DUKE_NAME_TEXT,
+        num_cams=8,
+    )
+
+
+def _locate_msmt17(root: str | Path) -> tuple[Path, str, str]:
+    """(dataset folder, train image folder, test image folder) of the one MSMT17 version under ``root``."""
+    list_files = tuple(name for names in MSMT_LISTS.values() for name in names)
+    layouts = [f"{version}/ with {train}/, {test}/" for version, (train, test) in MSMT_VERSIONS.items()]
+    expected = (
+        f"expected {' or '.join(layouts)} and {', '.join(list_files)} inside it "
+        "(or that content directly in the root)"
+    )
+    path = _check_root(root, "MSMT17", expected)
+    versions = [version for version in MSMT_VERSIONS if (path / version).is_dir()]
+    if len(versions) > 1:
+        raise ValueError(
+            f"MSMT17 root {str(path)!r} holds both {' and '.join(versions)}; "
+            "pass the version folder to use as the root"
+        )
+    if versions:
+        version_dir = path / versions[0]
+        missing = _missing(version_dir, MSMT_VERSIONS[versions[0]], list_files)
+        if missing:
+            raise FileNotFoundError(
+                f"MSMT17 folder {str(version_dir)!r} lacks {', '.join(missing)}; {expected}"
+            )
+        return (version_dir, *MSMT_VERSIONS[versions[0]])
+    for image_folders in MSMT_VERSIONS.values():
+        if not _missing(path, image_folders, list_files):
+            return (path, *image_folders)
+    raise FileNotFoundError(f"{str(path)!r} is not an MSMT17 root: {expected}")
+
+
+def _read_msmt_list(list_path: str, image_dir: str) -> list[Sample]:
+    """Pids come from the list; images are not stat'ed (126k of them), a missing one fails at loading."""
+    prefix = image_dir + os.sep
+    samples = []
+    with open(list_path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            match = MSMT_LINE.fullmatch(line)
+            if match is None:
+                raise ValueError(
+                    f"{list_path}, line {line_number}: cannot parse {line.strip()!r}; "
+                    f"expected {MSMT_LINE_TEXT}"
+                )
+            camera = int(match[2])
+            if not 1 <= camera <= MSMT_NUM_CAMS:
+                raise ValueError(
+                    f"{list_path}, line {line_number}: camera {camera} in {match[1]!r}; "
+                    f"expected a camera in 1..{MSMT_NUM_CAMS}"
+                )
+            samples.append((prefix + match[1], int(match[3]), camera - 1))
+    return samples
+
+
+def parse_msmt17(root: str | Path) -> ReIDDataset:
+    """``root`` holds MSMT17_V1/ or MSMT17_V2/ or is one of them; train merges list_train and list_val."""
+    dataset_dir, train_folder, test_folder = _locate_msmt17(root)
+    dataset_dir = Path(os.path.abspath(dataset_dir))
+    splits = {}
+    for split, list_names in MSMT_LISTS.items():
+        image_dir = str(dataset_dir / (train_folder if split == "train" else test_folder))
+        samples = [
+            sample
+            for list_name in list_names
+            for sample in _read_msmt_list(str(dataset_dir / list_name), image_dir)
+        ]
+        if not samples:
+            raise ValueError(
+                f"MSMT17 split {split!r} has no images: {' and '.join(list_names)} "
+                f"in {str(dataset_dir)!r} list none"
+            )
+        splits[split] = samples
+    return ReIDDataset(
+        "msmt17", str(dataset_dir), _relabel(splits["train"]), splits["query"], splits["gallery"]
+    )
+
+
+PARSERS = {"market1501": parse_market1501, "dukemtmcreid": parse_dukemtmcreid, "msmt17": parse_msmt17}
+DATASET_NAMES = (*PARSERS, "synthetic")
+
+
+def build_dataset(name: str, root: str | Path, **kwargs) -> ReIDDataset:
+    """``synthetic`` first generates its set from ``kwargs`` under ``root`` (a cache), if not there yet."""
+    if name == "synthetic":
+        from agw_light.data.synthetic import generate_synthetic
+
+        return _parse_folder_layout(
+            generate_synthetic(root, **kwargs),
+            name="synthetic",
+            dataset="synthetic (Market-1501 layout)",
+            folder=MARKET_FOLDER,
+            pattern=MARKET_NAME,
+            pattern_text=MARKET_NAME_TEXT,
+            num_cams=None,
+        )
+    if name not in PARSERS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if kwargs:
+        raise TypeError(
+            f"dataset {name!r} takes no keyword arguments; got unexpected {', '.join(sorted(kwargs))}"
+        )
+    return PARSERS[name](root)
