@@ -1,0 +1,27 @@
+"""Re-id networks as plain nn.Modules: ResNet backbones, non-local attention, GeM pooling, heads."""
+
+from agw_light.models.attention import NonLocalBlock
+from agw_light.models.backbones import (
+    ResNetBackbone,
+    load_backbone_state_dict,
+    load_pretrained,
+    read_state_dict,
+)
+from agw_light.models.build import BACKBONES, NECKS, build_model
+from agw_light.models.heads import BNNeckHead
+from agw_light.models.pooling import GeneralizedMeanPooling
+from agw_light.models.reid import ReIDModel
+
+__all__ = [
+    "BACKBONES",
+    "BNNeckHead",
+    "GeneralizedMeanPooling",
+    "NECKS",
+    "NonLocalBlock",
+    "ReIDModel",
+    "ResNetBackbone",
+    "build_model",
+    "load_backbone_state_dict",
+    "load_pretrained",
+    "read_state_dict",
+]
