@@ -1,0 +1,15 @@
+"""Loss functions and the weighted loss stack a table row selects from its config."""
+
+from agw_light.losses.identity import CrossEntropyLabelSmooth
+from agw_light.losses.stack import LOSSES, LossStack, LossTerm, build_loss_stack
+from agw_light.losses.triplet import WeightedRegularizedTriplet, pairwise_euclidean
+
+__all__ = [
+    "LOSSES",
+    "CrossEntropyLabelSmooth",
+    "LossStack",
+    "LossTerm",
+    "WeightedRegularizedTriplet",
+    "build_loss_stack",
+    "pairwise_euclidean",
+]

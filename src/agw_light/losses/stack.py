@@ -1,0 +1,88 @@
+"""A weighted list of loss terms, each reading one model output: rows add terms in config, not in code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from agw_light.losses.identity import CrossEntropyLabelSmooth
+from agw_light.losses.triplet import WeightedRegularizedTriplet
+
+# type name -> factory(num_classes=..., **options); later rows register KD and hash losses here.
+LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "cross_entropy": lambda num_classes, epsilon=0.1: CrossEntropyLabelSmooth(epsilon),
+    "weighted_triplet": lambda num_classes: WeightedRegularizedTriplet(),
+}
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One configured term: loss(outputs[output], targets[target]) * weight, logged as `name`."""
+
+    name: str
+    weight: float
+    output: str
+    target: str = "pids"
+
+
+class LossStack(nn.Module):
+    """Sums weighted terms and returns each unweighted value too, so every term can be logged separately."""
+
+    def __init__(self, terms: Sequence[LossTerm], losses: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not terms:
+            raise ValueError("the loss stack is empty: configure at least one entry under `losses`")
+        names = [term.name for term in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss names must be unique, got {names}")
+        self.terms = list(terms)
+        self.losses = nn.ModuleList(losses)
+
+    def forward(
+        self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total = None
+        values: dict[str, torch.Tensor] = {}
+        for term, loss in zip(self.terms, self.losses, strict=True):
+            if term.output not in outputs:
+                raise KeyError(
+                    f"loss {term.name!r} reads model output {term.output!r}, but the model gives {sorted(outputs)}"
+                )
+            if term.target not in targets:
+                raise KeyError(f"loss {term.name!r} needs target {term.target!r}; available: {sorted(targets)}")
+            value = loss(outputs[term.output], targets[term.target])
+            values[term.name] = value.detach()
+            weighted = term.weight * value
+            total = weighted if total is None else total + weighted
+        return total, values
+
+
+def build_loss_stack(specs: Sequence[Mapping[str, Any]], *, num_classes: int) -> LossStack:
+    """specs: [{name, type, weight, output[, target], **loss options}], e.g. from conf/light/<row>.yaml."""
+    terms, losses = [], []
+    for position, spec in enumerate(specs):
+        options = dict(spec)
+        missing = {"name", "type", "output"} - options.keys()
+        if missing:
+            raise ValueError(f"losses[{position}] = {dict(spec)}: missing key(s) {sorted(missing)}")
+        kind = options.pop("type")
+        if kind not in LOSSES:
+            raise ValueError(f"losses[{position}].type={kind!r}: unknown; known types: {sorted(LOSSES)}")
+        term = LossTerm(
+            name=options.pop("name"),
+            weight=float(options.pop("weight", 1.0)),
+            output=options.pop("output"),
+            target=options.pop("target", "pids"),
+        )
+        try:
+            losses.append(LOSSES[kind](num_classes=num_classes, **options))
+        except TypeError as error:
+            raise ValueError(
+                f"losses[{position}] ({term.name}): bad options {options} for type {kind!r}: {error}"
+            ) from error
+        terms.append(term)
+    return LossStack(terms, losses)
