@@ -1,0 +1,146 @@
+"""Checkpoint evaluation: features, the re-id protocol, and the two timings of the table row.
+
+Used by `agw_light.test` (a checkpoint on demand) and `agw_light.train` (the best checkpoint of a run), so
+the numbers a user reads after training and after testing come from the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agw_light.metrics import evaluate_retrieval
+
+
+def load_reid_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuilds a trained LitReID from its checkpoint alone (no config, no ImageNet download)."""
+    from agw_light.lit.module import LitReID
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no such file (expected a .ckpt written by agw_light.train)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises several types for a damaged zip/pickle
+        raise ValueError(f"checkpoint {path} cannot be read ({error}); is it truncated or not a .ckpt?") from error
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not hparams or "model" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"checkpoint {path} is not an agw_light training checkpoint: expected keys 'hyper_parameters' "
+            f"(with 'model') and 'state_dict'"
+        )
+    model_kwargs = {**hparams["model"], "pretrained": "none"}
+    module = LitReID(**{**hparams, "model": model_kwargs})
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    return module.eval()
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, loader, device: torch.device) -> dict[str, torch.Tensor]:
+    """Features of every image a query/gallery loader yields, with pids, cameras and the query flag."""
+    model = model.to(device).eval()
+    parts: dict[str, list[torch.Tensor]] = {"features": [], "pids": [], "camids": [], "is_query": [], "index": []}
+    for batch in loader:
+        parts["features"].append(model(batch["image"].to(device, non_blocking=True)).float().cpu())
+        parts["pids"].append(batch["pid"])
+        parts["camids"].append(batch["camid"])
+        parts["is_query"].append(batch["is_query"])
+        parts["index"].append(batch["index"])
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def evaluate_features(
+    features: torch.Tensor,
+    pids: torch.Tensor,
+    camids: torch.Tensor,
+    is_query: torch.Tensor,
+    *,
+    distance: str = "cosine",
+    max_rank: int = 50,
+) -> dict[str, float]:
+    """R1/R5/R10/mAP/mINP of the query rows against the gallery rows under the standard protocol."""
+    if max_rank < 10:
+        raise ValueError(f"eval.max_rank={max_rank}: must be at least 10 to report R10")
+    is_query = is_query.bool()
+    query, gallery = features[is_query], features[~is_query]
+    result = evaluate_retrieval(
+        query, gallery, pids[is_query], pids[~is_query], camids[is_query], camids[~is_query],
+        distance=distance, max_rank=max_rank,
+    )
+    if result["num_valid_queries"] == 0:
+        raise ValueError("no query has a match in the gallery under another camera: nothing to evaluate")
+    cmc = result["cmc"]
+    return {
+        "R1": float(cmc[0]),
+        "R5": float(cmc[4]),
+        "R10": float(cmc[9]),
+        "mAP": float(result["mAP"]),
+        "mINP": float(result["mINP"]),
+        "num_query": int(len(query)),
+        "num_gallery": int(len(gallery)),
+        "num_valid_queries": int(result["num_valid_queries"]),
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_inference(
+    model: nn.Module, *, height: int, width: int, device: torch.device, batch_size: int = 64, repeats: int = 10
+) -> float:
+    """Median milliseconds for one forward pass of a batch of 64 images (the table's inference column)."""
+    model = model.to(device).eval()
+    images = torch.randn(batch_size, 3, height, width, device=device)
+    for _ in range(2):
+        model(images)
+    timings = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        model(images)
+        _synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(timings))
+
+
+def time_float_search(query: torch.Tensor, gallery: torch.Tensor, *, topk: int = 100, repeats: int = 3) -> float:
+    """Milliseconds per query of an exact cosine top-k search over the gallery (faiss inner product)."""
+    import faiss
+
+    q = np.ascontiguousarray(torch.nn.functional.normalize(query.float(), dim=1).numpy())
+    g = np.ascontiguousarray(torch.nn.functional.normalize(gallery.float(), dim=1).numpy())
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(g)
+    k = min(topk, len(g))
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        index.search(q, k)
+        timings.append(time.perf_counter() - start)
+    return 1000.0 * min(timings) / len(q)
+
+
+def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
+    """Writes JSON next to its final name and renames, so a crash never leaves half a results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Lightning glue: the LightningModule and the callbacks of a training run."""

@@ -1,0 +1,115 @@
+"""LitReID: the Lightning glue around a re-id model and its loss stack.
+
+The module stays thin: the network comes from `agw_light.models.build_model`, the losses from
+`agw_light.losses.build_loss_stack`, the evaluation from `agw_light.metrics.ReIDMetric`. It keeps the plain
+arguments it was built with as hyper-parameters, so a checkpoint alone rebuilds the model (no Hydra config
+needed to test or search with it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from agw_light.losses import build_loss_stack
+from agw_light.metrics import ReIDMetric
+from agw_light.models import build_model
+
+
+def warmup_multistep_factor(
+    epoch: float, *, warmup_epochs: float, warmup_factor: float, milestones: Sequence[int], gamma: float
+) -> float:
+    """Learning-rate multiplier at a (fractional) epoch: linear warm-up, then step decay at milestones."""
+    decay = gamma ** sum(epoch >= m for m in milestones)
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return decay * (warmup_factor + (1.0 - warmup_factor) * epoch / warmup_epochs)
+    return decay
+
+
+class LitReID(pl.LightningModule):
+    """Trains a re-id model with a weighted loss stack and validates it by query/gallery retrieval."""
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        losses: list[dict[str, Any]],
+        num_classes: int,
+        *,
+        lr: float = 3.5e-4,
+        weight_decay: float = 5e-4,
+        warmup_epochs: float = 10,
+        warmup_factor: float = 0.1,
+        milestones: Sequence[int] = (40, 90),
+        gamma: float = 0.1,
+        distance: str = "cosine",
+        max_rank: int = 50,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        model_kwargs = dict(model)
+        self.channels_last = bool(model_kwargs.pop("channels_last", False))
+        self.model = build_model(num_classes=num_classes, **model_kwargs)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_stack = build_loss_stack(list(losses), num_classes=num_classes)
+        self.val_metric = ReIDMetric(distance=distance, max_rank=max_rank)
+
+    def forward(self, images: torch.Tensor) -> Any:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        outputs = self(batch["image"])
+        total, terms = self.loss_stack(outputs, {"pids": batch["pid"]})
+        batch_size = batch["image"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value, batch_size=batch_size)
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        return total
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        features = self(batch["image"])
+        self.val_metric.update(features, batch["pid"], batch["camid"], batch["is_query"], batch["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metric.compute()
+        self.val_metric.reset()
+        for name, value in results.items():
+            # compute() already gathered every rank, so each rank logs the same value: no further reduction.
+            self.log(f"val/{name}", value, prog_bar=name in ("R1", "mAP"), sync_dist=False)
+        if not self.trainer.sanity_checking:
+            summary = "  ".join(f"{name} {value:.4f}" for name, value in results.items())
+            self.print(f"epoch {self.current_epoch}: {summary}")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.Adam(
+            [p for p in self.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay
+        )
+        steps_per_epoch = self._steps_per_epoch()
+
+        def factor(step: int) -> float:
+            return warmup_multistep_factor(
+                step / steps_per_epoch,
+                warmup_epochs=hp.warmup_epochs,
+                warmup_factor=hp.warmup_factor,
+                milestones=hp.milestones,
+                gamma=hp.gamma,
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, so the schedule is defined in epochs but stepped every batch."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if trainer.max_epochs and trainer.max_epochs > 0 and math.isfinite(total):
+            return max(1, int(total) // trainer.max_epochs)
+        raise ValueError("trainer.max_epochs must be set: the learning-rate schedule is defined in epochs")

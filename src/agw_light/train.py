@@ -1,0 +1,93 @@
+"""Train (and then evaluate) one table row: `python -m agw_light.train dataset=market1501 light=full`.
+
+With no overrides it runs the quick CPU demo on the generated dataset. Everything is a Hydra override:
+`trainer.devices=2 trainer.strategy=ddp`, `trainer.precision=16-mixed`, `resume=<ckpt>`, `-m light=...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def build_datamodule(cfg: DictConfig):
+    """The DataModule of a config's dataset and loader sections (also used by test and visualize)."""
+    from agw_light.data.datamodule import ReIDDataModule
+
+    return ReIDDataModule(
+        name=cfg.dataset.name,
+        root=str(Path(cfg.dataset.root).expanduser()),
+        height=cfg.dataset.height,
+        width=cfg.dataset.width,
+        batch_size=cfg.loader.batch_size,
+        num_instances=cfg.loader.num_instances,
+        test_batch_size=cfg.loader.test_batch_size,
+        num_workers=cfg.loader.num_workers,
+        seed=cfg.seed,
+        dataset_kwargs=OmegaConf.to_container(cfg.dataset.kwargs, resolve=True),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fits the configured row, then evaluates its best checkpoint; returns the metrics written to disk."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from agw_light.lit.callbacks import RNGStateCheckpoint
+    from agw_light.lit.module import LitReID
+    from agw_light.test import evaluate_checkpoint
+
+    out_dir = Path(cfg.output_dir)
+    if cfg.resume is not None and not Path(cfg.resume).is_file():
+        raise FileNotFoundError(
+            f"resume={cfg.resume}: no such checkpoint file (expected e.g. <run>/checkpoints/last.ckpt)"
+        )
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = LitReID(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        losses=OmegaConf.to_container(cfg.losses, resolve=True),
+        num_classes=datamodule.num_classes,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+        distance=cfg.eval.distance,
+        max_rank=cfg.eval.max_rank,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        filename="best-epoch{epoch:03d}-mAP{val/mAP:.4f}",
+        auto_insert_metric_name=False,
+        monitor="val/mAP",
+        mode="max",
+        save_last=True,
+    )
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        default_root_dir=str(out_dir),
+        logger=TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=""),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch"), RNGStateCheckpoint()],
+        use_distributed_sampler=False,  # the PK sampler splits identities across ranks itself
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+
+    if not trainer.is_global_zero:
+        return {}
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    return evaluate_checkpoint(best, cfg, datamodule=datamodule, out_path=out_dir / "metrics.json")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

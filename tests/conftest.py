@@ -1,0 +1,46 @@
+"""Shared fixtures: composing the real Hydra configs with tiny sizes, so tests exercise what users run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores on CI: one intra-op thread per test process keeps parallel pieces from fighting.
+torch.set_num_threads(2)
+
+TINY_DATA = [
+    "dataset.height=64",
+    "dataset.width=32",
+    "dataset.kwargs.num_ids=16",
+    "dataset.kwargs.num_cams=2",
+    "dataset.kwargs.images_per_id_cam=4",
+    "loader.batch_size=16",
+    "loader.num_instances=4",
+    "loader.test_batch_size=64",
+    "loader.num_workers=0",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory) -> Path:
+    """One generated-dataset cache for the whole session, so each tiny set is drawn once."""
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.fixture
+def compose_config(synthetic_cache, tmp_path):
+    """Composes conf/config.yaml (or another entry config) with tiny sizes and a temporary output folder."""
+    from hydra import compose, initialize_config_dir
+
+    from agw_light.train import CONF_DIR
+
+    def _compose(*overrides: str, config_name: str = "config", output_dir: Path | None = None):
+        base = [f"dataset.root={synthetic_cache}", *TINY_DATA]
+        if config_name == "config":
+            base.append(f"output_dir={output_dir or tmp_path / 'run'}")
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=[*base, *overrides])
+
+    return _compose

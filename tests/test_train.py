@@ -1,0 +1,133 @@
+"""End-to-end training, resume and checkpoint evaluation on a tiny generated dataset (row 1, light=full)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from agw_light.evaluation import evaluate_features, extract_features, load_reid_module
+from agw_light.lit.module import LitReID, warmup_multistep_factor
+from agw_light.test import evaluate_checkpoint
+from agw_light.train import build_datamodule, train
+
+# ResNet-18 keeps the suite fast on 2 cores; the row's losses, head and evaluation are the same as ResNet-50's.
+SMALL = [
+    "model.backbone=resnet18",
+    "trainer.accelerator=cpu",
+    "+trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def test_schedule_matches_agw_definition():
+    kwargs = dict(warmup_epochs=10, warmup_factor=0.1, milestones=(40, 90), gamma=0.1)
+    assert warmup_multistep_factor(0, **kwargs) == pytest.approx(0.1)
+    assert warmup_multistep_factor(5, **kwargs) == pytest.approx(0.55)
+    assert warmup_multistep_factor(10, **kwargs) == pytest.approx(1.0)
+    assert warmup_multistep_factor(39.9, **kwargs) == pytest.approx(1.0)
+    assert warmup_multistep_factor(40, **kwargs) == pytest.approx(0.1)
+    assert warmup_multistep_factor(90, **kwargs) == pytest.approx(0.01)
+
+
+def test_training_lowers_loss_and_raises_map(compose_config, tmp_path):
+    cfg = compose_config(*SMALL, "trainer.max_epochs=30", "trainer.check_val_every_n_epoch=30",
+                         "optim.warmup_epochs=1", "optim.milestones=[100]", "optim.lr=1e-3")
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    torch.manual_seed(0)
+    untrained = LitReID(model=dict(cfg.model), losses=[dict(t) for t in cfg.losses],
+                        num_classes=datamodule.num_classes, distance="cosine")
+    before = extract_features(untrained, datamodule.query_gallery_dataloader(), torch.device("cpu"))
+    map_before = evaluate_features(before["features"], before["pids"], before["camids"], before["is_query"])["mAP"]
+
+    row = train(cfg)
+
+    assert row["mAP"] > map_before + 0.1, (row["mAP"], map_before)
+    assert row["feature_dim"] == 512 and row["metric"] == "cosine"
+    for key in ("R1", "mAP", "mINP", "inference_ms_per_batch64", "search_ms_per_query"):
+        assert math.isfinite(row[key]), key
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["mAP"] == pytest.approx(row["mAP"])
+    losses = _scalar_series(tmp_path / "run" / "tensorboard", "train/loss")
+    assert losses[-1] < losses[0]
+    assert {"val/R1", "val/mAP", "val/mINP", "train/loss_ce", "train/loss_wrt"} <= _scalar_tags(
+        tmp_path / "run" / "tensorboard"
+    )
+
+
+def test_resume_continues_exactly(compose_config, tmp_path):
+    common = [*SMALL, "trainer.check_val_every_n_epoch=2", "optim.warmup_epochs=1", "optim.milestones=[1]",
+              "trainer.deterministic=true"]
+    straight = compose_config(*common, "trainer.max_epochs=2", output_dir=tmp_path / "straight")
+    train(straight)
+    first = compose_config(*common, "trainer.max_epochs=1", output_dir=tmp_path / "first")
+    train(first)
+    resumed = compose_config(*common, "trainer.max_epochs=2", f"resume={tmp_path / 'first/checkpoints/last.ckpt'}",
+                             output_dir=tmp_path / "resumed")
+    train(resumed)
+
+    a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] > 0
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, msg=name)
+    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for key in state_a:
+        torch.testing.assert_close(state_b[key]["exp_avg"], state_a[key]["exp_avg"])
+
+
+def test_checkpoint_alone_rebuilds_the_model_and_test_reproduces_the_row(compose_config, tmp_path):
+    cfg = compose_config(*SMALL, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1")
+    trained_row = train(cfg)
+    checkpoint = tmp_path / "run/checkpoints/last.ckpt"
+    module = load_reid_module(checkpoint)
+    assert not module.training
+    assert module.hparams.model["backbone"] == "resnet18"
+    assert module(torch.zeros(2, 3, 64, 32)).shape == (2, 512)
+
+    test_cfg = compose_config(f"ckpt={checkpoint}", f"out={tmp_path / 'test.json'}", "device=cpu",
+                              config_name="test")
+    row = evaluate_checkpoint(test_cfg.ckpt, test_cfg, out_path=test_cfg.out)
+    assert json.loads((tmp_path / "test.json").read_text()) == pytest.approx(row)
+    for key in ("R1", "R5", "R10", "mAP", "mINP", "feature_dim", "num_valid_queries"):
+        assert row[key] == pytest.approx(trained_row[key]), key
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        load_reid_module(tmp_path / "missing.ckpt")
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.ckpt"):
+        load_reid_module(broken)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": 1}, foreign)
+    with pytest.raises(ValueError, match="foreign.ckpt.*hyper_parameters"):
+        load_reid_module(foreign)
+
+
+def test_resume_from_missing_file_is_a_clear_error(compose_config, tmp_path):
+    cfg = compose_config(*SMALL, f"resume={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        train(cfg)
+
+
+def _event_accumulator(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return accumulator
+
+
+def _scalar_series(log_dir, tag: str) -> list[float]:
+    return [event.value for event in _event_accumulator(log_dir).Scalars(tag)]
+
+
+def _scalar_tags(log_dir) -> set[str]:
+    return set(_event_accumulator(log_dir).Tags()["scalars"])
