@@ -37,9 +37,22 @@ def load_reid_module(ckpt_path: str | Path, map_location: str | torch.device = "
             f"checkpoint {path} is not an agw_light training checkpoint: expected keys 'hyper_parameters' "
             f"(with 'model') and 'state_dict'"
         )
-    model_kwargs = {**hparams["model"], "pretrained": "none"}
-    module = LitReID(**{**hparams, "model": model_kwargs})
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    # A distilled student is complete without its teacher, which only shaped its training: its distillation
+    # terms (parameter-free) are dropped with it.
+    from agw_light.lit.teacher import TEACHER_TARGETS
+
+    losses = [term for term in hparams["losses"] if term.get("target", "pids") not in TEACHER_TARGETS]
+    arguments = {
+        **hparams, "model": {**hparams["model"], "pretrained": "none"}, "losses": losses, "teacher_ckpt": None,
+    }
+    try:
+        module = LitReID(**arguments)
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"checkpoint {path} does not rebuild into an agw_light model (hyper-parameters or weights do not "
+            f"match this version's architecture): {error}"
+        ) from error
     return module.eval()
 
 

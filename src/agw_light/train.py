@@ -33,6 +33,15 @@ def build_datamodule(cfg: DictConfig):
     )
 
 
+def _resumed_teacher_sha256(resume: str | None) -> str | None:
+    """The teacher hash a resumed student was started with, so a swapped teacher file is caught."""
+    if resume is None:
+        return None
+    import torch
+
+    return torch.load(resume, map_location="cpu", weights_only=True)["hyper_parameters"].get("teacher_sha256")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the configured row, then evaluates its best checkpoint; returns the metrics written to disk."""
     import pytorch_lightning as pl
@@ -53,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    teacher_ckpt = cfg.light.get("teacher_ckpt")
     module = LitReID(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         losses=OmegaConf.to_container(cfg.losses, resolve=True),
@@ -60,6 +70,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **OmegaConf.to_container(cfg.optim, resolve=True),
         distance=cfg.eval.distance,
         max_rank=cfg.eval.max_rank,
+        teacher_ckpt=teacher_ckpt,
+        teacher_sha256=_resumed_teacher_sha256(cfg.resume) if teacher_ckpt is not None else None,
     )
     checkpoint = ModelCheckpoint(
         dirpath=out_dir / "checkpoints",

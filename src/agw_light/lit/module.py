@@ -47,9 +47,10 @@ class LitReID(pl.LightningModule):
         gamma: float = 0.1,
         distance: str = "cosine",
         max_rank: int = 50,
+        teacher_ckpt: str | None = None,
+        teacher_sha256: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         model_kwargs = dict(model)
         self.channels_last = bool(model_kwargs.pop("channels_last", False))
         self.model = build_model(num_classes=num_classes, **model_kwargs)
@@ -57,6 +58,34 @@ class LitReID(pl.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_stack = build_loss_stack(list(losses), num_classes=num_classes)
         self.val_metric = ReIDMetric(distance=distance, max_rank=max_rank)
+        # A plain attribute, not a submodule: see agw_light.lit.teacher for why.
+        object.__setattr__(self, "teacher", None)
+        if teacher_ckpt is not None:
+            from agw_light.lit.teacher import file_sha256, load_teacher
+
+            teacher_sha256 = teacher_sha256 or file_sha256(teacher_ckpt)
+            teacher = load_teacher(teacher_ckpt, num_classes=num_classes, expected_sha256=teacher_sha256)
+            object.__setattr__(self, "teacher", teacher)
+        self._check_loss_targets(teacher_ckpt)
+        self.save_hyperparameters()
+
+    def _check_loss_targets(self, teacher_ckpt: str | None) -> None:
+        """Fails at construction, not at the first step, when a loss reads a target nobody provides."""
+        from agw_light.lit.teacher import TEACHER_TARGETS
+
+        available = {"pids", *(TEACHER_TARGETS if teacher_ckpt is not None else ())}
+        for term in self.loss_stack.terms:
+            if term.target not in available:
+                distill = term.target in TEACHER_TARGETS
+                hint = " (distillation: set light.teacher_ckpt=<row-1 checkpoint>)" if distill else ""
+                raise ValueError(
+                    f"loss {term.name!r} reads target {term.target!r}, which is not available{hint}; "
+                    f"available: {sorted(available)}"
+                )
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
 
     def forward(self, images: torch.Tensor) -> Any:
         if self.channels_last:
@@ -65,7 +94,12 @@ class LitReID(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         outputs = self(batch["image"])
-        total, terms = self.loss_stack(outputs, {"pids": batch["pid"]})
+        targets = {"pids": batch["pid"]}
+        if self.teacher is not None:
+            from agw_light.lit.teacher import teacher_targets
+
+            targets.update(teacher_targets(self.teacher, batch["image"]))
+        total, terms = self.loss_stack(outputs, targets)
         batch_size = batch["image"].shape[0]
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)

@@ -1,5 +1,6 @@
 """Loss functions and the weighted loss stack a table row selects from its config."""
 
+from agw_light.losses.distill import KLDivergenceKD, SimilarityKD
 from agw_light.losses.identity import CrossEntropyLabelSmooth
 from agw_light.losses.stack import LOSSES, LossStack, LossTerm, build_loss_stack
 from agw_light.losses.triplet import WeightedRegularizedTriplet, pairwise_euclidean
@@ -7,8 +8,10 @@ from agw_light.losses.triplet import WeightedRegularizedTriplet, pairwise_euclid
 __all__ = [
     "LOSSES",
     "CrossEntropyLabelSmooth",
+    "KLDivergenceKD",
     "LossStack",
     "LossTerm",
+    "SimilarityKD",
     "WeightedRegularizedTriplet",
     "build_loss_stack",
     "pairwise_euclidean",

@@ -9,13 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from agw_light.losses.distill import KLDivergenceKD, SimilarityKD
 from agw_light.losses.identity import CrossEntropyLabelSmooth
 from agw_light.losses.triplet import WeightedRegularizedTriplet
 
-# type name -> factory(num_classes=..., **options); later rows register KD and hash losses here.
+# type name -> factory(num_classes=..., **options); later rows register hash losses here.
 LOSSES: dict[str, Callable[..., nn.Module]] = {
     "cross_entropy": lambda num_classes, epsilon=0.1: CrossEntropyLabelSmooth(epsilon),
     "weighted_triplet": lambda num_classes: WeightedRegularizedTriplet(),
+    "kd_kl": lambda num_classes, temperature=4.0: KLDivergenceKD(temperature),
+    "kd_similarity": lambda num_classes: SimilarityKD(),
 }
 
 

@@ -1,0 +1,62 @@
+"""The frozen teacher of the light model: loaded strictly from a row-1 checkpoint, never trained or saved.
+
+light-reid runs its teacher in train mode, so every student step also updates the teacher's BatchNorm
+statistics and the teacher drifts during distillation. Here the teacher is kept out of the student's module
+tree: `LightningModule.train()` cannot reach it, the optimizer and DDP never see it, and the student's
+checkpoint stores only its path and SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Targets the teacher adds to each training batch, for loss-stack entries to read.
+TEACHER_TARGETS = ("teacher_logits", "teacher_features")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_teacher(ckpt_path: str | Path, *, num_classes: int, expected_sha256: str | None = None) -> nn.Module:
+    """The teacher network of an agw_light checkpoint, frozen in eval mode; checks it fits the student."""
+    from agw_light.evaluation import load_reid_module
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"light.teacher_ckpt={path}: no such file (expected a row-1 checkpoint written by agw_light.train, "
+            "e.g. outputs/<dataset>/full/<run>/checkpoints/last.ckpt)"
+        )
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise ValueError(
+            f"teacher checkpoint {path} changed since this student was started (SHA-256 differs from "
+            f"{expected_sha256[:12]}...): resume with the original teacher file"
+        )
+    module = load_reid_module(path)
+    teacher_classes = module.hparams.num_classes
+    if teacher_classes != num_classes:
+        raise ValueError(
+            f"teacher checkpoint {path} classifies {teacher_classes} training identities but the student's "
+            f"dataset has {num_classes}: train the teacher on the same dataset"
+        )
+    teacher = module.model.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher's retrieval feature (after BNNeck) and class logits for a training batch."""
+    if teacher.training:
+        raise RuntimeError("the teacher must stay in eval mode during distillation")
+    features = teacher(images)
+    return {"teacher_logits": teacher.head.classifier(features), "teacher_features": features}
