@@ -31,7 +31,11 @@ def warmup_multistep_factor(
 
 
 class LitReID(pl.LightningModule):
-    """Trains a re-id model with a weighted loss stack and validates it by query/gallery retrieval."""
+    """Trains a re-id model with a weighted loss stack and validates it by query/gallery retrieval.
+
+    `image_size` (height, width) is only recorded, so tools that embed new images with a checkpoint (the
+    search CLI) resize them as in training.
+    """
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class LitReID(pl.LightningModule):
         max_rank: int = 50,
         teacher_ckpt: str | None = None,
         teacher_sha256: str | None = None,
+        image_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         model_kwargs = dict(model)
@@ -70,17 +75,19 @@ class LitReID(pl.LightningModule):
         self.save_hyperparameters()
 
     def _check_loss_targets(self, teacher_ckpt: str | None) -> None:
-        """Fails at construction, not at the first step, when a loss reads a target nobody provides."""
+        """Fails at construction, not at the first step, when a loss reads a teacher target without a teacher.
+
+        Other target names are the model's own outputs (self-distillation), known only after a forward: the
+        loss stack checks those at the first step and names what the model gives.
+        """
         from agw_light.lit.teacher import TEACHER_TARGETS
 
         available = {"pids", *(TEACHER_TARGETS if teacher_ckpt is not None else ())}
         for term in self.loss_stack.terms:
-            if term.target not in available:
-                distill = term.target in TEACHER_TARGETS
-                hint = " (distillation: set light.teacher_ckpt=<row-1 checkpoint>)" if distill else ""
+            if term.target in TEACHER_TARGETS and term.target not in available:
                 raise ValueError(
-                    f"loss {term.name!r} reads target {term.target!r}, which is not available{hint}; "
-                    f"available: {sorted(available)}"
+                    f"loss {term.name!r} reads target {term.target!r}, which is not available (distillation: "
+                    f"set light.teacher_ckpt=<row-1 checkpoint>); available: {sorted(available)}"
                 )
 
     def on_fit_start(self) -> None:
@@ -109,6 +116,10 @@ class LitReID(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         features = self(batch["image"])
+        code_lengths = getattr(self.model.head, "code_lengths", None)
+        if code_lengths is not None:
+            # A code pyramid's eval output is every level side by side: validate the full-length code alone.
+            features = features[:, : code_lengths[0]]
         self.val_metric.update(features, batch["pid"], batch["camid"], batch["is_query"], batch["index"])
 
     def on_validation_epoch_end(self) -> None:

@@ -2,6 +2,7 @@
 
 from agw_light.losses.distill import KLDivergenceKD, SimilarityKD
 from agw_light.losses.identity import CrossEntropyLabelSmooth
+from agw_light.losses.self_distill import ProbSelfDistill, SIMSelfDistill
 from agw_light.losses.stack import LOSSES, LossStack, LossTerm, build_loss_stack
 from agw_light.losses.triplet import WeightedRegularizedTriplet, pairwise_euclidean
 
@@ -11,6 +12,8 @@ __all__ = [
     "KLDivergenceKD",
     "LossStack",
     "LossTerm",
+    "ProbSelfDistill",
+    "SIMSelfDistill",
     "SimilarityKD",
     "WeightedRegularizedTriplet",
     "build_loss_stack",

@@ -11,20 +11,27 @@ from torch import nn
 
 from agw_light.losses.distill import KLDivergenceKD, SimilarityKD
 from agw_light.losses.identity import CrossEntropyLabelSmooth
+from agw_light.losses.self_distill import ProbSelfDistill, SIMSelfDistill
 from agw_light.losses.triplet import WeightedRegularizedTriplet
 
-# type name -> factory(num_classes=..., **options); later rows register hash losses here.
+# type name -> factory(num_classes=..., **options).
 LOSSES: dict[str, Callable[..., nn.Module]] = {
     "cross_entropy": lambda num_classes, epsilon=0.1: CrossEntropyLabelSmooth(epsilon),
     "weighted_triplet": lambda num_classes: WeightedRegularizedTriplet(),
     "kd_kl": lambda num_classes, temperature=4.0: KLDivergenceKD(temperature),
     "kd_similarity": lambda num_classes: SimilarityKD(),
+    "prob_self_distill": lambda num_classes, temperature=1.0: ProbSelfDistill(temperature),
+    "sim_self_distill": lambda num_classes: SIMSelfDistill(),
 }
 
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One configured term: loss(outputs[output], targets[target]) * weight, logged as `name`."""
+    """One configured term: loss(outputs[output], targets[target]) * weight, logged as `name`.
+
+    `target` names a batch target ("pids", a teacher's output) or, for self-distillation, another output of
+    the model itself (e.g. the full-length code's "logits_2048"), which is then used detached.
+    """
 
     name: str
     weight: float
@@ -55,9 +62,17 @@ class LossStack(nn.Module):
                 raise KeyError(
                     f"loss {term.name!r} reads model output {term.output!r}, but the model gives {sorted(outputs)}"
                 )
-            if term.target not in targets:
-                raise KeyError(f"loss {term.name!r} needs target {term.target!r}; available: {sorted(targets)}")
-            value = loss(outputs[term.output], targets[term.target])
+            if term.target in targets:
+                target = targets[term.target]
+            elif term.target in outputs:
+                # A model output as the reference: a fixed target of this step, never trained through.
+                target = outputs[term.target].detach()
+            else:
+                raise KeyError(
+                    f"loss {term.name!r} needs target {term.target!r}, which is neither a batch target "
+                    f"{sorted(targets)} nor a model output {sorted(outputs)}"
+                )
+            value = loss(outputs[term.output], target)
             values[term.name] = value.detach()
             weighted = term.weight * value
             total = weighted if total is None else total + weighted

@@ -8,14 +8,16 @@ from agw_light.models.backbones import (
     read_state_dict,
 )
 from agw_light.models.build import BACKBONES, NECKS, build_model
-from agw_light.models.heads import BNNeckHead
+from agw_light.models.heads import BNNeckHead, CodePyramidHead, HashHead
 from agw_light.models.pooling import GeneralizedMeanPooling
 from agw_light.models.reid import ReIDModel
 
 __all__ = [
     "BACKBONES",
     "BNNeckHead",
+    "CodePyramidHead",
     "GeneralizedMeanPooling",
+    "HashHead",
     "NECKS",
     "NonLocalBlock",
     "ReIDModel",

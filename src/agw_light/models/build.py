@@ -9,14 +9,18 @@ from pathlib import Path
 from torch import nn
 
 from agw_light.models.backbones import RESNET_SPECS, ResNetBackbone, load_pretrained
-from agw_light.models.heads import BNNeckHead
+from agw_light.models.heads import BNNeckHead, CodePyramidHead, HashHead
 from agw_light.models.pooling import GeneralizedMeanPooling
 from agw_light.models.reid import ReIDModel
 
 BACKBONES: dict[str, Callable[..., ResNetBackbone]] = {
     name: partial(ResNetBackbone, name) for name in RESNET_SPECS
 }
-NECKS: dict[str, Callable[..., nn.Module]] = {"bnneck": BNNeckHead}
+NECKS: dict[str, Callable[..., nn.Module]] = {
+    "bnneck": BNNeckHead,
+    "hash": HashHead,
+    "pyramid": CodePyramidHead,
+}
 
 
 def build_model(
@@ -29,6 +33,7 @@ def build_model(
     gem_p: float = 3.0,
     gem_learnable: bool = True,
     neck: str = "bnneck",
+    code_lengths: Sequence[int] | None = None,
 ) -> ReIDModel:
     """Builds AGW's network (ResNet last stride 1 + non-local + GeM + BNNeck) or a lighter variant.
 
@@ -36,13 +41,33 @@ def build_model(
     of a ResNet state_dict. nonlocal_layers: non-local blocks per stage (layer1..layer4), after the stage's
     last blocks; None picks the AGW authors' placement for the backbone ((0, 2, 3, 0) for resnet50, none for
     resnet18/34). gem_learnable: AGW learns p, starting from gem_p.
+    neck: "bnneck" (float feature), "hash" (one binary code, light feature) or "pyramid" (codes of several
+    lengths, light search). code_lengths: the code heads' lengths, longest first; None keeps the head's
+    default (2048 bits for "hash", 2048..32 for "pyramid"); "hash" takes exactly one length.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")
     if neck not in NECKS:
         raise ValueError(f"unknown neck {neck!r}; known: {', '.join(sorted(NECKS))}")
+    neck_options = _neck_options(neck, code_lengths)
     trunk = BACKBONES[backbone](last_stride=last_stride, nonlocal_layers=nonlocal_layers)
     load_pretrained(trunk, pretrained)
     pooling = GeneralizedMeanPooling(gem_p, learnable=gem_learnable)
-    head = NECKS[neck](trunk.out_channels, num_classes, pooling=pooling)
+    head = NECKS[neck](trunk.out_channels, num_classes, pooling=pooling, **neck_options)
     return ReIDModel(trunk, head)
+
+
+def _neck_options(neck: str, code_lengths: Sequence[int] | None) -> dict[str, object]:
+    """The head's keyword arguments for `code_lengths`, refusing a combination the head cannot honour."""
+    if code_lengths is None:
+        return {}
+    lengths = [int(length) for length in code_lengths]
+    if neck == "pyramid":
+        return {"code_lengths": tuple(lengths)}
+    if neck == "hash":
+        if len(lengths) != 1:
+            raise ValueError(f"neck 'hash' learns one code: code_lengths must have one entry, got {lengths}")
+        return {"code_length": lengths[0]}
+    raise ValueError(
+        f"neck {neck!r} learns no binary code: code_lengths={lengths} needs neck 'hash' or 'pyramid'"
+    )

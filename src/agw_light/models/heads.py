@@ -4,9 +4,15 @@ BNNeck (Luo et al. 2019, "Bag of Tricks", used by AGW): the triplet loss sees th
 classifier and retrieval see it after a BatchNorm whose bias is frozen at zero (no shift, so the feature
 stays centred on the hypersphere the classifier separates). Inits follow BoT/AGW: BN weight 1 and bias 0,
 classifier weights N(0, 0.001^2) without bias.
+
+Code heads (light feature and light search) put a tanh relaxation after the BNNeck: the classifier sees
+tanh(BN(x)) during training (the triplet loss still sees the feature before the BatchNorm), and the sign of
+BN(x) is the binary code compared by Hamming distance at test time.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -41,3 +47,111 @@ class BNNeckHead(nn.Module):
         if not self.training:
             return bn_features
         return {"features": features, "bn_features": bn_features, "logits": self.classifier(bn_features)}
+
+
+DEFAULT_PYRAMID = (2048, 1024, 512, 256, 128, 64, 32)
+
+
+def _bnneck(size: int) -> nn.BatchNorm1d:
+    """BNNeck's BatchNorm: weight 1, bias 0 and frozen, so no learnt offset shifts the code's bits."""
+    bn = nn.BatchNorm1d(size)
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    bn.bias.requires_grad_(False)
+    return bn
+
+
+def _id_classifier(size: int, num_classes: int) -> nn.Linear:
+    classifier = nn.Linear(size, num_classes, bias=False)
+    nn.init.normal_(classifier.weight, std=0.001)
+    return classifier
+
+
+class CodePyramidHead(nn.Module):
+    """Binary codes of decreasing lengths from one pooled feature (Wang et al., ECCV 2020, light search).
+
+    Each level k has a pre-BN projection p_k, a BNNeck BatchNorm and an ID classifier; its relaxed code is
+    tanh(BN(p_k)) in training, and its binary code the sign of that (bit = value > 0) at test time.
+    Level 0 is the hash head of the light feature: p_0 is the pooled feature itself or, when the backbone's
+    width differs from the first length, a linear layer on BN(pooled) (light-reid's "middle fc", bias-free
+    here because the BatchNorm after it cancels a bias). Level k > 0: p_k is a bias-free linear layer on
+    p_{k-1} DETACHED, so a shorter code learns from the longer one without pulling it (or the backbone)
+    toward itself; only level 0's losses train the backbone.
+
+    Train mode returns, for every length L, "codes_L" (the relaxed code), "logits_L" (the classifier on
+    it) and "features_L" (what the level's triplet loss reads, before the BatchNorm as in BNNeck and
+    light-reid: the pooled feature for the first level, the level's projection p_k for the others), plus
+    the first level under the names the row-1 loss entries read: "features" (the pooled feature),
+    "logits", and "bn_features" (its BN output before tanh, for feature distillation). Eval mode returns
+    the relaxed codes of all levels side by side in order of decreasing length, (B, sum(code_lengths)):
+    their signs are the codes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        pooling: nn.Module | None = None,
+        code_lengths: tuple[int, ...] | list[int] = DEFAULT_PYRAMID,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(
+                f"{type(self).__name__} needs num_classes >= 1 (training identities), got {num_classes}"
+            )
+        lengths = tuple(int(length) for length in code_lengths)
+        if not lengths or min(lengths) < 1 or any(a <= b for a, b in itertools.pairwise(lengths)):
+            raise ValueError(
+                f"code_lengths={list(code_lengths)}: expected positive lengths in strictly decreasing order, "
+                f"e.g. {list(DEFAULT_PYRAMID)}"
+            )
+        self.code_lengths = lengths
+        self.feature_dim = sum(lengths)
+        self.num_classes = num_classes
+        self.pooling = GeneralizedMeanPooling() if pooling is None else pooling
+        first = lengths[0]
+        self.input_projection = (
+            None
+            if first == in_channels
+            else nn.Sequential(_bnneck(in_channels), nn.Linear(in_channels, first, bias=False))
+        )
+        self.projections = nn.ModuleList(
+            nn.Linear(longer, shorter, bias=False) for longer, shorter in itertools.pairwise(lengths)
+        )
+        self.bottlenecks = nn.ModuleList(_bnneck(length) for length in lengths)
+        self.classifiers = nn.ModuleList(_id_classifier(length, num_classes) for length in lengths)
+
+    def forward(self, feature_map: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        pooled = self.pooling(feature_map)
+        projected = [pooled if self.input_projection is None else self.input_projection(pooled)]
+        for projection in self.projections:
+            projected.append(projection(projected[-1].detach()))
+        bn_features = [bn(p) for bn, p in zip(self.bottlenecks, projected, strict=True)]
+        codes = [torch.tanh(bn) for bn in bn_features]
+        if not self.training:
+            return torch.cat(codes, dim=1)
+        outputs: dict[str, torch.Tensor] = {}
+        metric_inputs = [pooled, *projected[1:]]
+        levels = zip(self.code_lengths, metric_inputs, codes, self.classifiers, strict=True)
+        for length, features, code, classifier in levels:
+            outputs[f"features_{length}"] = features
+            outputs[f"codes_{length}"] = code
+            outputs[f"logits_{length}"] = classifier(code)
+        first = self.code_lengths[0]
+        outputs.update(features=pooled, bn_features=bn_features[0], logits=outputs[f"logits_{first}"])
+        return outputs
+
+
+class HashHead(CodePyramidHead):
+    """The light feature's head (table row 3): a one-level pyramid, one `code_length`-bit code.
+
+    Pooling + BNNeck + tanh relaxation (+ a linear layer and a second BN, light-reid's "middle fc", when
+    the backbone's width is not `code_length`); the classifier sees the relaxed code. Same outputs as
+    `CodePyramidHead`, with ``code_lengths == (code_length,)`` and an eval output of shape (B, code_length).
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, *, pooling: nn.Module | None = None, code_length: int = 2048
+    ) -> None:
+        super().__init__(in_channels, num_classes, pooling=pooling, code_lengths=(code_length,))
