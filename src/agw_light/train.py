@@ -71,6 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         distance=cfg.eval.distance,
         max_rank=cfg.eval.max_rank,
         teacher_ckpt=teacher_ckpt,
+        image_size=(cfg.dataset.height, cfg.dataset.width),
         teacher_sha256=_resumed_teacher_sha256(cfg.resume) if teacher_ckpt is not None else None,
     )
     checkpoint = ModelCheckpoint(

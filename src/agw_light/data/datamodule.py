@@ -127,6 +127,20 @@ class ReIDDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.query_gallery_dataloader(*self._replicas())
 
+    def train_sample_dataloader(self, num_images: int) -> DataLoader:
+        """Up to `num_images` training images, evenly spaced, with the test transform and no augmentation.
+
+        Validation data for choices that must not see the query or gallery labels (e.g. the coarse-to-fine
+        search's candidate counts): training identities never appear in the test splits.
+        """
+        train = self.dataset.train
+        if num_images < 1:
+            raise ValueError(f"train_sample_dataloader needs num_images >= 1, got {num_images}")
+        positions = torch.linspace(0, len(train) - 1, min(num_images, len(train))).round().long().unique()
+        samples = [train[i] for i in positions.tolist()]
+        images = ReIDImageDataset(samples, build_test_transform(self.height, self.width))
+        return DataLoader(images, batch_size=self.test_batch_size, shuffle=False, **self._loader_options())
+
     def _is_global_zero(self) -> bool:
         """Without a trainer (setup called by hand), the rank Lightning's launcher put in the environment."""
         return self.trainer.is_global_zero if self.trainer is not None else rank_zero_only.rank == 0

@@ -1,0 +1,56 @@
+"""Indexes built from a trained model: which index kind a checkpoint's head calls for, and how to fill it.
+
+Shared by `agw_light.test` (the table's search column) and the `python -m agw_light.search` CLI, so the
+search time a user reads in the table is the search they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from agw_light.search.index import CoarseToFineIndex, FloatIndex, HammingIndex, fit_candidates
+
+
+def code_lengths_of(model: torch.nn.Module) -> tuple[int, ...] | None:
+    """The code pyramid of a model's head (longest first), or None for float-feature heads."""
+    head = getattr(model, "head", None)
+    lengths = getattr(head, "code_lengths", None)
+    return tuple(int(length) for length in lengths) if lengths else None
+
+
+def build_index(
+    gallery_features: Any,
+    code_lengths: Sequence[int] | None,
+    *,
+    metadata: Any = None,
+    fit_queries: Any = None,
+    target_recall: float = 0.99,
+) -> FloatIndex | HammingIndex | CoarseToFineIndex:
+    """The index a head calls for: float (no codes), exact Hamming (one code) or coarse-to-fine (pyramid).
+
+    `fit_queries`: features of validation images (never test queries) used to fit the coarse-to-fine
+    candidate counts; only their codes are used, no label.
+    """
+    features = (
+        gallery_features.float().numpy() if isinstance(gallery_features, torch.Tensor) else gallery_features
+    )
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if not code_lengths:
+        index: Any = FloatIndex(features.shape[1])
+    elif len(code_lengths) == 1:
+        index = HammingIndex(code_lengths[0])
+    else:
+        index = CoarseToFineIndex(code_lengths)
+    index.add(features, metadata)
+    if isinstance(index, CoarseToFineIndex):
+        if fit_queries is None or len(fit_queries) == 0:
+            raise ValueError(
+                "a coarse-to-fine index needs validation queries (fit_queries) to fit its candidates"
+            )
+        queries = fit_queries.float().numpy() if isinstance(fit_queries, torch.Tensor) else fit_queries
+        index.candidates = fit_candidates(index, queries, target_recall=target_recall)
+    return index
