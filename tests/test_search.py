@@ -77,7 +77,8 @@ def test_pack_round_trip_from_every_input_type(bits):
     rng = np.random.default_rng(bits)
     bool_codes = random_bits(rng, 11, bits)
     signed = np.where(bool_codes, 0.5, -2.0).astype(np.float32)
-    for codes in (bool_codes, bool_codes.astype(np.int64), signed, torch.from_numpy(signed)):
+    tensor = torch.from_numpy(signed)
+    for codes in (bool_codes, bool_codes.astype(np.int64), signed, tensor, tensor.to(torch.bfloat16)):
         packed = pack_codes(codes)
         assert packed.dtype == np.uint8 and packed.shape == (11, (bits + 7) // 8)
         np.testing.assert_array_equal(unpack_codes(packed, bits), bool_codes)

@@ -114,8 +114,14 @@ def _embed_location(module, location: str, options: dict[str, Any]) -> tuple[lis
 
     height, width = _image_size(module, options)
     paths = list_images(location)
-    features = embed_images(module, paths, height=height, width=width, batch_size=options["batch_size"],
-                            device=pick_device(options["device"]))
+    features = embed_images(
+        module,
+        paths,
+        height=height,
+        width=width,
+        batch_size=options["batch_size"],
+        device=pick_device(options["device"]),
+    )
     return paths, features
 
 

@@ -6,7 +6,8 @@ made by `np.packbits` with bitorder "big": feature j is bit 7 - j % 8 of byte j 
 at the end of the last byte are zero, so they never add to a distance.
 
 Distances XOR whole machine words: a packed row is viewed as the widest unsigned integers that divide its
-byte count (uint64 for every length that is a multiple of 64), so a 2048-bit distance is 32 popcounts.
+byte count (uint64 for every length that is a multiple of 64), so a 2048-bit distance is 32 popcounts
+(`np.bitwise_count`, numpy 2).
 """
 
 from __future__ import annotations
@@ -50,10 +51,21 @@ def code_bytes(bits: int) -> int:
     return (int(bits) + 7) // 8
 
 
+def as_numpy(values: Any) -> np.ndarray:
+    """numpy view or copy of a numpy array, a torch tensor (any device; half floats widened) or array-like."""
+    if isinstance(values, np.ndarray):
+        return values
+    if hasattr(values, "detach"):
+        tensor = values.detach().cpu()
+        if tensor.dtype.is_floating_point and tensor.dtype.itemsize < 4:  # bfloat16 has no numpy dtype
+            tensor = tensor.float()
+        return tensor.numpy()
+    return np.asarray(values)
+
+
 def pack_codes(codes: Any) -> np.ndarray:
     """(N, bits) codes (torch or numpy; float, int or bool; bit = value > 0) -> (N, ceil(bits/8)) uint8."""
-    if not isinstance(codes, np.ndarray):  # torch tensors (any device) and array-likes
-        codes = codes.detach().cpu().numpy() if hasattr(codes, "detach") else np.asarray(codes)
+    codes = as_numpy(codes)
     if codes.ndim != 2:
         raise ValueError(f"codes must have shape (num_items, bits), got {codes.shape}")
     if codes.dtype.kind not in "biuf":

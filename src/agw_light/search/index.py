@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from agw_light.search.codes import (
+    as_numpy,
     as_words,
     code_bytes,
     gathered_hamming,
@@ -261,7 +262,7 @@ class FloatIndex(_Index):
         return np.subtract(1.0, similarities, dtype=np.float32), indices
 
     def _normalised(self, features: Any, name: str) -> np.ndarray:
-        features = _as_numpy(features).astype(np.float32)
+        features = as_numpy(features).astype(np.float32)
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape (N, {self.dim}), got {features.shape}")
         norms = np.linalg.norm(features, axis=1, keepdims=True)
@@ -521,7 +522,7 @@ class CoarseToFineIndex(_Index):
                 )
             parts = list(codes)
         else:
-            array = _as_numpy(codes)
+            array = as_numpy(codes)
             if array.ndim != 2 or array.shape[1] != sum(self.code_lengths):
                 raise ValueError(
                     f"{name} must be (N, {sum(self.code_lengths)}) concatenated codes of levels "
@@ -694,7 +695,7 @@ def as_packed(codes: Any, bits: int, name: str) -> np.ndarray:
 
     Padding bits of packed input are cleared so that they can never count in a distance.
     """
-    array = _as_numpy(codes)
+    array = as_numpy(codes)
     width = code_bytes(bits)
     if array.ndim == 2 and array.shape[1] == bits:
         return pack_codes(array)
@@ -768,14 +769,11 @@ def _keep_smallest(
     if survivors is None:
         return index._scan(stage, queries[stage], keep)[1]
     rows = max(1, _GATHER_BYTES // (survivors.shape[1] * code_bytes(index.levels[stage])))
-    return np.concatenate(
-        [
-            index._rerank(stage, queries[stage][start : start + rows], survivors[start : start + rows], keep)[
-                2
-            ]
-            for start in range(0, len(survivors), rows)
-        ]
-    )
+    kept = []
+    for start in range(0, len(survivors), rows):
+        block = queries[stage][start : start + rows]
+        kept.append(index._rerank(stage, block, survivors[start : start + rows], keep)[2])
+    return np.concatenate(kept)
 
 
 def _binary_flat(bits: int) -> Any:
@@ -801,14 +799,6 @@ def _threads() -> int:
     import faiss
 
     return max(1, faiss.omp_get_max_threads())
-
-
-def _as_numpy(values: Any) -> np.ndarray:
-    if isinstance(values, np.ndarray):
-        return values
-    if hasattr(values, "detach"):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
 
 
 def _positive_int(value: Any, name: str) -> int:
