@@ -11,7 +11,7 @@ from agw_light.evaluation import load_reid_module
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import file_sha256
 from agw_light.losses import KLDivergenceKD, SimilarityKD
-from agw_light.train import build_datamodule, train
+from agw_light.train import train
 
 SMALL = ["model.backbone=resnet18", "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"]
 CE_WRT = [
@@ -47,21 +47,6 @@ def test_similarity_kd_compares_relations_across_feature_sizes():
     assert SimilarityKD()(rotated_student, teacher).item() == pytest.approx(0.0, abs=1e-7)
     collapsed_student = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # similarity 1 where the teacher has 0
     assert SimilarityKD()(collapsed_student, teacher).item() == pytest.approx(2 / 4)
-
-
-@pytest.fixture
-def tiny_teacher(compose_config, tmp_path):
-    """A ResNet-18 'row 1' checkpoint for the tiny generated dataset (untrained: the mechanics are tested)."""
-    cfg = compose_config(*SMALL)
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    torch.manual_seed(1)
-    teacher = LitReID(model={"backbone": "resnet18", "pretrained": "none"}, losses=CE_WRT,
-                      num_classes=datamodule.num_classes)
-    path = tmp_path / "teacher.ckpt"
-    torch.save({"hyper_parameters": dict(teacher.hparams), "state_dict": teacher.state_dict()}, path)
-    return path, datamodule
 
 
 def test_distillation_keeps_the_teacher_frozen_and_the_student_self_contained(tiny_teacher, compose_config, tmp_path):

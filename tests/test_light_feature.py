@@ -14,7 +14,7 @@ from agw_light.losses import build_loss_stack
 from agw_light.losses.self_distill import ProbSelfDistill, SIMSelfDistill
 from agw_light.models import build_model
 from agw_light.models.heads import CodePyramidHead, HashHead
-from agw_light.train import build_datamodule, train
+from agw_light.train import train
 
 PYRAMID = (2048, 1024, 512, 256, 128, 64, 32)
 IMAGES = (4, 3, 64, 32)
@@ -288,25 +288,11 @@ def test_tiny_training_run(row, dim, compose_config, tmp_path):
     assert module.hparams.model["neck"] == ("hash" if row == "feat" else "pyramid")
 
 
-@pytest.fixture
-def tiny_teacher(compose_config, tmp_path):
-    """An untrained ResNet-18 'row 1' checkpoint for the tiny generated dataset (the mechanics are tested)."""
-    cfg = compose_config(*SMALL)
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    torch.manual_seed(1)
-    teacher = LitReID(model={"backbone": "resnet18", "pretrained": "none"},
-                      losses=[dict(t) for t in cfg.losses], num_classes=datamodule.num_classes)
-    path = tmp_path / "teacher.ckpt"
-    torch.save({"hyper_parameters": dict(teacher.hparams), "state_dict": teacher.state_dict()}, path)
-    return path
-
-
 def test_tiny_light_all_run_distils_into_a_pyramid_student(tiny_teacher, compose_config, tmp_path):
-    result = train(compose_config(*SMALL, "light=all", f"light.teacher_ckpt={tiny_teacher}"))
+    teacher_path, _ = tiny_teacher
+    result = train(compose_config(*SMALL, "light=all", f"light.teacher_ckpt={teacher_path}"))
     assert result["metric"] == "hamming" and 0.0 <= result["mAP"] <= 1.0
-    tiny_teacher.unlink()  # the student checkpoint stands alone
+    teacher_path.unlink()  # the student checkpoint stands alone
     student = load_reid_module(tmp_path / "run/checkpoints/last.ckpt")
     assert student.teacher is None and student.model.head.code_lengths == PYRAMID
     assert student(torch.zeros(1, 3, 64, 32)).shape == (1, 4064)
