@@ -6,9 +6,6 @@ the numbers a user reads after training and after testing come from the same cod
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -57,11 +54,15 @@ def load_reid_module(ckpt_path: str | Path, map_location: str | torch.device = "
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, loader, device: torch.device) -> dict[str, torch.Tensor]:
+def extract_features(
+    model: nn.Module, loader, device: torch.device, *, desc: str = "extracting features"
+) -> dict[str, torch.Tensor]:
     """Features of every image a query/gallery loader yields, with pids, cameras and the query flag."""
+    from tqdm import tqdm
+
     model = model.to(device).eval()
     parts: dict[str, list[torch.Tensor]] = {"features": [], "pids": [], "camids": [], "is_query": [], "index": []}
-    for batch in loader:
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         parts["features"].append(model(batch["image"].to(device, non_blocking=True)).float().cpu())
         parts["pids"].append(batch["pid"])
         parts["camids"].append(batch["camid"])
@@ -152,18 +153,3 @@ def time_search(index, queries: torch.Tensor, *, topk: int = 100, repeats: int =
         index.search(queries, topk)
         timings.append(time.perf_counter() - start)
     return 1000.0 * min(timings) / len(queries)
-
-
-def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
-    """Writes JSON next to its final name and renames, so a crash never leaves half a results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

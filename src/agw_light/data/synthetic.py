@@ -524,6 +524,8 @@ def generate_synthetic(
     if _is_complete(target):
         return target
 
+    from tqdm import tqdm
+
     specs = _plan(params["seed"], params["num_ids"], params["num_cams"], params["images_per_id_cam"])
     print(f"generating {len(specs)} synthetic images ({params}) into {target}", flush=True)
     root.mkdir(parents=True, exist_ok=True)
@@ -533,7 +535,7 @@ def generate_synthetic(
         for split in (TRAIN_DIR, QUERY_DIR, GALLERY_DIR):
             (market / split).mkdir(parents=True)
         renderer = _Renderer(params["seed"], params["num_cams"], params["height"], params["width"])
-        for spec in specs:
+        for spec in tqdm(specs, desc="generating images", unit="img", leave=False):
             renderer.render(spec).save(market / spec.split / spec.filename, quality=JPEG_QUALITY)
         (staging / COMPLETE_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")
         if target.exists() and not _is_complete(target):

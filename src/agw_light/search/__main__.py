@@ -105,7 +105,7 @@ def embed_images(module, paths: list[Path], *, height: int, width: int, batch_si
 
     samples = [(str(path), -1, -1) for path in paths]
     loader = DataLoader(ReIDImageDataset(samples, build_test_transform(height, width)), batch_size=batch_size)
-    return extract_features(module, loader, device)["features"]
+    return extract_features(module, loader, device, desc="embedding images")["features"]
 
 
 def _embed_location(module, location: str, options: dict[str, Any]) -> tuple[list[Path], Any]:
@@ -137,7 +137,8 @@ def _image_size(module, options: dict[str, Any]) -> tuple[int, int]:
 def build(options: dict[str, Any]) -> Path:
     import numpy as np
 
-    from agw_light.evaluation import load_reid_module, write_json_atomic
+    from agw_light.evaluation import load_reid_module
+    from agw_light.files import write_json_atomic
     from agw_light.lit.teacher import file_sha256
     from agw_light.search.index import GalleryMetadata
     from agw_light.search.model_index import build_index, code_lengths_of
