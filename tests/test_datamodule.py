@@ -88,6 +88,27 @@ def test_query_gallery_loader_lists_queries_then_gallery_in_order(datamodule):
             torch.testing.assert_close(images[i], expected_test_image(samples[i][0]), atol=1e-5, rtol=0)
 
 
+def test_validation_split_takes_whole_training_identities_one_query_per_camera(datamodule):
+    train = datamodule.dataset.train
+    train_pids = sorted({pid for _, pid, _ in train})
+    loader = datamodule.validation_split_dataloader(12)  # 12 of 24 images: 2 of the 4 identities
+    assert set(loader.dataset.samples) <= set(train)  # training images only, never a test image
+    batches = list(loader)
+    pids = torch.cat([b["pid"] for b in batches]).tolist()
+    camids = torch.cat([b["camid"] for b in batches]).tolist()
+    is_query = torch.cat([b["is_query"] for b in batches]).tolist()
+    assert sorted(set(pids)) == [train_pids[0], train_pids[-1]]  # evenly spaced identities
+    queries = [(pid, cam) for pid, cam, flag in zip(pids, camids, is_query, strict=True) if flag]
+    assert sorted(queries) == sorted({(pid, cam) for pid, cam in zip(pids, camids, strict=True)})  # one per camera
+    assert is_query == [True] * len(queries) + [False] * (len(pids) - len(queries))  # queries first
+    for pid in set(pids):  # every image of a chosen identity is used: the rest form the gallery
+        assert pids.count(pid) == sum(sample[1] == pid for sample in train) == TRAIN_IMAGES_PER_ID
+    everything = torch.cat([b["pid"] for b in datamodule.validation_split_dataloader(10_000)])
+    assert sorted(set(everything.tolist())) == train_pids
+    with pytest.raises(ValueError, match="num_images >= 1"):
+        datamodule.validation_split_dataloader(0)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_query_gallery_loaders_cover_every_index(datamodule, world_size):
     total = len(datamodule.dataset.query) + len(datamodule.dataset.gallery)

@@ -53,8 +53,9 @@ def evaluate_checkpoint(
 
     Retrieval goes through the search index the model's head calls for (`agw_light.search`): float cosine
     (rows 1-2), exact Hamming on the full-length code (row 3) or coarse-to-fine over the code pyramid
-    (rows 4-5, candidate counts fitted on training images, never on queries). The reported R1/mAP/mINP are
-    those of the ranking that index returns, and the search time is that index's.
+    (rows 4-5, candidate counts fitted on a query/gallery split of training identities, never on test
+    queries or labels). The reported R1/mAP/mINP are those of the ranking that index returns, and the
+    search time is that index's.
     """
     import torch
 
@@ -65,8 +66,8 @@ def evaluate_checkpoint(
         load_reid_module,
         time_inference,
         time_search,
-        write_json_atomic,
     )
+    from agw_light.files import write_json_atomic
     from agw_light.search.index import CoarseToFineIndex, HammingIndex
     from agw_light.search.model_index import build_index, code_lengths_of
 
@@ -76,15 +77,20 @@ def evaluate_checkpoint(
         datamodule = build_datamodule(cfg)
         datamodule.prepare_data()
     datamodule.setup("test")
-    outputs = extract_features(module, datamodule.query_gallery_dataloader(), device)
+    outputs = extract_features(module, datamodule.query_gallery_dataloader(), device, desc="query + gallery")
     features, pids, camids = outputs["features"], outputs["pids"], outputs["camids"]
     is_query = outputs["is_query"].bool()
     code_lengths = code_lengths_of(module.model)
-    fit_queries = None
+    fit = None
     if code_lengths is not None and len(code_lengths) > 1:
-        fit_queries = extract_features(module, datamodule.train_sample_dataloader(cfg.eval.fit_images), device)
-    index = build_index(features[~is_query], code_lengths, fit_queries=None if fit_queries is None else
-                        fit_queries["features"], target_recall=cfg.eval.target_recall)
+        fit = extract_features(module, datamodule.validation_split_dataloader(cfg.eval.fit_images), device,
+                               desc="validation split (training ids)")
+        fit["is_query"] = fit["is_query"].bool()
+    index = build_index(
+        features[~is_query], code_lengths, target_recall=cfg.eval.target_recall,
+        fit_queries=None if fit is None else fit["features"][fit["is_query"]],
+        fit_gallery=None if fit is None else fit["features"][~fit["is_query"]],
+    )
 
     row: dict[str, Any] = {"checkpoint": str(ckpt_path), "dataset": cfg.dataset.name,
                            "backbone": module.hparams.model["backbone"]}
@@ -96,7 +102,8 @@ def evaluate_checkpoint(
         exact.add(features[~is_query, : code_lengths[0]])
         exact_top1 = exact.search(query[:, : code_lengths[0]].numpy(), 1)[1]
         row.update(feature_dim="-".join(map(str, code_lengths)), metric="hamming",
-                   candidates=list(index.candidates),
+                   candidates=list(index.candidates), fit_queries=int(fit["is_query"].sum()),
+                   fit_gallery=int((~fit["is_query"]).sum()),
                    recall_at_1_of_exact=float((index.search(query.numpy(), 1)[1] == exact_top1).mean()))
     else:
         distance = "hamming" if code_lengths else module.hparams.distance

@@ -127,18 +127,31 @@ class ReIDDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.query_gallery_dataloader(*self._replicas())
 
-    def train_sample_dataloader(self, num_images: int) -> DataLoader:
-        """Up to `num_images` training images, evenly spaced, with the test transform and no augmentation.
+    def validation_split_dataloader(self, num_images: int) -> DataLoader:
+        """About `num_images` training images as a query/gallery set (queries first, flagged "is_query").
 
-        Validation data for choices that must not see the query or gallery labels (e.g. the coarse-to-fine
-        search's candidate counts): training identities never appear in the test splits.
+        Validation data for choices that must not see the test queries or any test label (e.g. the
+        coarse-to-fine search's candidate counts); training identities never appear in the test splits. Whole
+        identities are taken, evenly spaced, so each validation query finds its identity's other images among
+        the validation gallery, as a test query does: per identity the first image of each camera is a query
+        and the rest is gallery.
         """
-        train = self.dataset.train
         if num_images < 1:
-            raise ValueError(f"train_sample_dataloader needs num_images >= 1, got {num_images}")
-        positions = torch.linspace(0, len(train) - 1, min(num_images, len(train))).round().long().unique()
-        samples = [train[i] for i in positions.tolist()]
-        images = ReIDImageDataset(samples, build_test_transform(self.height, self.width))
+            raise ValueError(f"validation_split_dataloader needs num_images >= 1, got {num_images}")
+        by_pid: dict[int, list[Sample]] = {}
+        for sample in self.dataset.train:
+            by_pid.setdefault(sample[1], []).append(sample)
+        pids = sorted(by_pid)
+        wanted = min(len(pids), max(1, round(num_images * len(pids) / len(self.dataset.train))))
+        queries: list[Sample] = []
+        gallery: list[Sample] = []
+        for position in torch.linspace(0, len(pids) - 1, wanted).round().long().unique().tolist():
+            cameras: set[int] = set()
+            for sample in by_pid[pids[position]]:
+                (gallery if sample[2] in cameras else queries).append(sample)
+                cameras.add(sample[2])
+        images = ReIDImageDataset(queries + gallery, build_test_transform(self.height, self.width),
+                                  num_query=len(queries))
         return DataLoader(images, batch_size=self.test_batch_size, shuffle=False, **self._loader_options())
 
     def _is_global_zero(self) -> bool:

@@ -28,12 +28,13 @@ def build_index(
     *,
     metadata: Any = None,
     fit_queries: Any = None,
+    fit_gallery: Any = None,
     target_recall: float = 0.99,
 ) -> FloatIndex | HammingIndex | CoarseToFineIndex:
     """The index a head calls for: float (no codes), exact Hamming (one code) or coarse-to-fine (pyramid).
 
-    `fit_queries`: features of validation images (never test queries) used to fit the coarse-to-fine
-    candidate counts; only their codes are used, no label.
+    `fit_queries` / `fit_gallery`: features of a validation query/gallery split (never test queries), used to
+    fit the coarse-to-fine candidate counts (see `fit_candidates`); only their codes are used, no label.
     """
     features = (
         gallery_features.float().numpy() if isinstance(gallery_features, torch.Tensor) else gallery_features
@@ -52,5 +53,6 @@ def build_index(
                 "a coarse-to-fine index needs validation queries (fit_queries) to fit its candidates"
             )
         queries = fit_queries.float().numpy() if isinstance(fit_queries, torch.Tensor) else fit_queries
-        index.candidates = fit_candidates(index, queries, target_recall=target_recall)
+        extra = fit_gallery.float().numpy() if isinstance(fit_gallery, torch.Tensor) else fit_gallery
+        index.candidates = fit_candidates(index, queries, validation_gallery=extra, target_recall=target_recall)
     return index
