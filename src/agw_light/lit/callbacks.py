@@ -1,4 +1,4 @@
-"""Callbacks that make a resumed run continue exactly where it stopped."""
+"""Training callbacks: exact resume (RNG states) and ranked-list pictures in TensorBoard."""
 
 from __future__ import annotations
 
@@ -50,3 +50,84 @@ class RNGStateCheckpoint(pl.Callback):
         torch.set_rng_state(states["torch"])
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RankedListLogger(pl.Callback):
+    """At each validation, draws `num_queries` queries' top-`topk` gallery images (true matches framed
+    green, false red) into TensorBoard as "val/ranked_lists", and sends `embedding_size` gallery features
+    with thumbnails to its embedding projector as "val/gallery". 0 turns either off.
+
+    Shows the very ranking the validation metrics scored (the samples `ReIDMetric` gathered, its distance),
+    always for the same evenly spaced queries, so epochs compare. Without a TensorBoard logger it does
+    nothing, and the module then keeps no samples.
+    """
+
+    def __init__(self, num_queries: int = 8, topk: int = 10, embedding_size: int = 300) -> None:
+        for name, value, least in (("num_queries", num_queries, 0), ("topk", topk, 1),
+                                   ("embedding_size", embedding_size, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"visualize.{name}={value!r}: expected an integer >= {least}")
+        self.num_queries = num_queries
+        self.topk = topk
+        self.embedding_size = embedding_size
+
+    @staticmethod
+    def _writer(trainer: pl.Trainer):
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if (self.num_queries or self.embedding_size) and self._writer(trainer) is not None:
+            pl_module.keep_validation_samples = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        samples = getattr(pl_module, "validation_samples", None)
+        pl_module.validation_samples = None  # up to a whole gallery's features: never held past this hook
+        dataset = getattr(trainer.datamodule, "dataset", None)
+        if samples is None or trainer.sanity_checking or not trainer.is_global_zero or dataset is None:
+            return
+        writer = self._writer(trainer)
+        if writer is None:
+            return
+        image_paths = [path for path, _, _ in dataset.query + dataset.gallery]
+        if self.num_queries:
+            self._log_ranked_lists(writer, samples, image_paths, pl_module.val_metric.distance, trainer.global_step)
+        if self.embedding_size:
+            self._log_embedding(writer, samples, image_paths, trainer.global_step)
+
+    def _log_ranked_lists(self, writer, samples: dict, image_paths: list[str], metric: str, step: int) -> None:
+        from agw_light.visualization import pick_positions, protocol_junk, ranked_list_pictures, stack_rows
+
+        is_query = samples["is_query"]
+        num_query, num_gallery = int(is_query.sum()), int((~is_query).sum())
+        if num_query == 0 or num_gallery == 0:
+            return
+        positions = pick_positions(num_query, min(self.num_queries, num_query))
+        # A partial validation (limit_val_batches) may leave fewer ranked images than topk: draw fewer.
+        queries = torch.nonzero(is_query).squeeze(1)[positions]
+        junk = protocol_junk(samples["pids"][queries], samples["camids"][queries], samples["pids"][~is_query],
+                             samples["camids"][~is_query])
+        topk = min(self.topk, num_gallery - int(junk.sum(1).max()))
+        if topk < 1:
+            return
+        pictures = ranked_list_pictures(samples, image_paths, positions, metric=metric, topk=topk)
+        writer.add_image("val/ranked_lists", np.asarray(stack_rows(pictures)), global_step=step, dataformats="HWC")
+
+    def _log_embedding(self, writer, samples: dict, image_paths: list[str], step: int) -> None:
+        from agw_light.visualization import load_thumbnails, pick_positions
+
+        gallery = torch.nonzero(~samples["is_query"]).squeeze(1)
+        if len(gallery) == 0:
+            return
+        rows = gallery[pick_positions(len(gallery), min(self.embedding_size, len(gallery)))]
+        writer.add_embedding(
+            samples["features"][rows].float(),
+            metadata=[str(pid) for pid in samples["pids"][rows].tolist()],
+            label_img=load_thumbnails([image_paths[i] for i in samples["index"][rows].tolist()]),
+            tag="val/gallery",
+            global_step=step,
+        )

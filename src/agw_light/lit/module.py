@@ -73,6 +73,10 @@ class LitReID(pl.LightningModule):
             object.__setattr__(self, "teacher", teacher)
         self._check_loss_targets(teacher_ckpt)
         self.save_hyperparameters()
+        # Set by the ranked-list callback: plain attributes, not hyper-parameters, so checkpoints stay the same.
+        # When kept, `validation_samples` holds the last validation's gathered samples (global rank 0, CPU).
+        self.keep_validation_samples = False
+        self.validation_samples: dict[str, torch.Tensor] | None = None
 
     def _check_loss_targets(self, teacher_ckpt: str | None) -> None:
         """Fails at construction, not at the first step, when a loss reads a teacher target without a teacher.
@@ -123,6 +127,11 @@ class LitReID(pl.LightningModule):
         self.val_metric.update(features, batch["pid"], batch["camid"], batch["is_query"], batch["index"])
 
     def on_validation_epoch_end(self) -> None:
+        if self.keep_validation_samples and not self.trainer.sanity_checking:
+            with self.val_metric.sync_context():  # collective under DDP: every rank takes part
+                samples = self.val_metric.gathered_samples()
+            if samples is not None and self.trainer.is_global_zero:
+                self.validation_samples = {name: value.cpu() for name, value in samples.items()}
         results = self.val_metric.compute()
         self.val_metric.reset()
         for name, value in results.items():

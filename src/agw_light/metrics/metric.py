@@ -83,15 +83,26 @@ class ReIDMetric(Metric):
             index = torch.full((count,), _NO_INDEX, dtype=torch.long, device=device)
         self.index.append(index.to(device=device, dtype=torch.long))
 
-    def compute(self) -> dict[str, float]:
+    def gathered_samples(self) -> dict[str, torch.Tensor] | None:
+        """features, pids, camids, is_query and index of the samples held, repeats dropped, in index order
+        (None before any update). Inside `compute()` or `sync_context()` these are every rank's samples;
+        ranked-list pictures read them to show the rankings the metrics score."""
         if isinstance(self.features, list) and not self.features:  # a list until synced, a tensor after
+            return None
+        samples = {
+            name: dim_zero_cat(getattr(self, name)) for name in ("features", "pids", "camids", "is_query", "index")
+        }
+        samples["is_query"] = samples["is_query"].bool()
+        keep = _unique_in_index_order(samples["index"])
+        if keep is None:
+            return samples
+        return {name: value[keep] for name, value in samples.items()}
+
+    def compute(self) -> dict[str, float]:
+        samples = self.gathered_samples()
+        if samples is None:
             return self._undefined("no samples were added")
-        features = dim_zero_cat(self.features)
-        pids, camids = dim_zero_cat(self.pids), dim_zero_cat(self.camids)
-        is_query, index = dim_zero_cat(self.is_query).bool(), dim_zero_cat(self.index)
-        keep = _unique_in_index_order(index)
-        if keep is not None:
-            features, pids, camids, is_query = features[keep], pids[keep], camids[keep], is_query[keep]
+        features, pids, camids, is_query = (samples[name] for name in ("features", "pids", "camids", "is_query"))
         num_query = int(is_query.sum())
         if num_query in (0, len(is_query)):
             return self._undefined(f"{num_query} query and {len(is_query) - num_query} gallery samples")
