@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from agw_light.evaluation import load_reid_module
 from agw_light.lit.module import LitReID
-from agw_light.lit.teacher import file_sha256
+from agw_light.lit.teacher import file_sha256, resolve_teacher_checkpoint
 from agw_light.losses import KLDivergenceKD, SimilarityKD
 from agw_light.train import train
 
@@ -102,7 +103,23 @@ def test_teacher_errors_fail_before_training(tiny_teacher, compose_config, tmp_p
         LitReID(model=model, losses=losses, num_classes=8, teacher_ckpt=str(teacher_path), teacher_sha256="0" * 64)
 
 
-def test_light_model_requires_a_teacher_checkpoint(compose_config):
-    cfg = compose_config(*SMALL, "light=model")
-    with pytest.raises(ValueError, match="set light.teacher_ckpt=<row-1 checkpoint>"):
+def test_light_model_without_a_trained_teacher_says_how_to_get_one(compose_config, tmp_path):
+    cfg = compose_config(*SMALL, "light=model", f"light.teacher_ckpt={tmp_path / 'sweep' / 'synthetic' / 'full'}")
+    with pytest.raises(FileNotFoundError, match=r"put light=full first in the same sweep"):
         train(cfg)
+
+
+def test_teacher_run_folder_stands_for_its_evaluated_checkpoint(tmp_path):
+    run = tmp_path / "full"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no metrics.json, so its training did not finish"):
+        resolve_teacher_checkpoint(run)
+    best = run / "checkpoints" / "best-epoch003-mAP0.5000.ckpt"
+    best.parent.mkdir()
+    best.write_bytes(b"weights")
+    (run / "metrics.json").write_text(json.dumps({"checkpoint": str(best), "mAP": 0.5}))
+    assert resolve_teacher_checkpoint(run) == best
+    assert resolve_teacher_checkpoint(best) == best
+    (run / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"metrics.json: expected a JSON object with key 'checkpoint'"):
+        resolve_teacher_checkpoint(run)

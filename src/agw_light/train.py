@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from agw_light.lit.callbacks import RNGStateCheckpoint
+    from agw_light.lit.callbacks import RankedListLogger, RNGStateCheckpoint
     from agw_light.lit.module import LitReID
     from agw_light.test import evaluate_checkpoint
 
@@ -57,12 +57,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(
             f"resume={cfg.resume}: no such checkpoint file (expected e.g. <run>/checkpoints/last.ckpt)"
         )
+    (out_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt in this folder
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     teacher_ckpt = cfg.light.get("teacher_ckpt")
+    if teacher_ckpt is not None:
+        from agw_light.lit.teacher import resolve_teacher_checkpoint
+
+        teacher_ckpt = str(resolve_teacher_checkpoint(teacher_ckpt))
     module = LitReID(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         losses=OmegaConf.to_container(cfg.losses, resolve=True),
@@ -86,7 +91,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         default_root_dir=str(out_dir),
         logger=TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=""),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch"), RNGStateCheckpoint()],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch"), RNGStateCheckpoint(),
+                   *([RankedListLogger(**cfg.visualize)]
+                     if cfg.visualize.num_queries > 0 or cfg.visualize.embedding_size > 0 else [])],
         use_distributed_sampler=False,  # the PK sampler splits identities across ranks itself
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
@@ -97,9 +104,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return evaluate_checkpoint(best, cfg, datamodule=datamodule, out_path=out_dir / "metrics.json")
 
 
+def record_failure(out_dir: Path, error: BaseException) -> None:
+    """Leaves error.txt in the run folder (first line: why), so a sweep report can say why a row is missing."""
+    import traceback
+
+    from agw_light.files import write_text_atomic
+
+    summary = f"{type(error).__name__}: {error}".splitlines()[0]
+    write_text_atomic(out_dir / "error.txt", summary + "\n\n" + "".join(traceback.format_exception(error)))
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except Exception as error:
+        record_failure(Path(cfg.output_dir), error)
+        raise
 
 
 if __name__ == "__main__":

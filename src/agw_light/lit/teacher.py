@@ -9,6 +9,7 @@ checkpoint stores only its path and SHA-256.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -24,6 +25,36 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def resolve_teacher_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a `light.teacher_ckpt` value names: a .ckpt file, or a finished row-1 run folder.
+
+    A run folder stands for the checkpoint its metrics.json was evaluated on (the best one), so a sweep can
+    point rows 2 and 5 at row 1's folder before row 1 has picked its best epoch.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        metrics = path / "metrics.json"
+        if not metrics.is_file():
+            raise FileNotFoundError(
+                f"light.teacher_ckpt={path}: this row-1 run folder has no metrics.json, so its training did not "
+                f"finish (see {path / 'error.txt'} or {path / 'train.log'}); rows 2 and 5 need a finished teacher"
+            )
+        try:
+            checkpoint = Path(json.loads(metrics.read_text())["checkpoint"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{metrics}: expected a JSON object with key 'checkpoint' ({error})") from error
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{metrics} names checkpoint {checkpoint}, which does not exist")
+        return checkpoint
+    raise FileNotFoundError(
+        f"light.teacher_ckpt={path}: no such file or run folder. Rows 2 and 5 distil from a trained row-1 model: "
+        "put light=full first in the same sweep (-m light=full,model,...), or pass light.teacher_ckpt=<row-1 run "
+        "folder or .ckpt>"
+    )
 
 
 def load_teacher(ckpt_path: str | Path, *, num_classes: int, expected_sha256: str | None = None) -> nn.Module:
