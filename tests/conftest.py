@@ -22,6 +22,16 @@ TINY_DATA = [
     "loader.num_workers=0",
 ]
 
+# One epoch of a ResNet-18 on the CPU, validated once: the shortest real training run a row can do.
+ONE_EPOCH = [
+    "model.backbone=resnet18",
+    "trainer.accelerator=cpu",
+    "+trainer.enable_progress_bar=false",
+    "trainer.max_epochs=1",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.log_every_n_steps=1",
+]
+
 
 @pytest.fixture(scope="session")
 def synthetic_cache(tmp_path_factory) -> Path:

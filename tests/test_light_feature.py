@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ONE_EPOCH
 
 from agw_light.evaluation import load_reid_module
 from agw_light.lit.module import LitReID
@@ -18,14 +19,6 @@ from agw_light.train import train
 
 PYRAMID = (2048, 1024, 512, 256, 128, 64, 32)
 IMAGES = (4, 3, 64, 32)
-SMALL = [
-    "model.backbone=resnet18",
-    "trainer.accelerator=cpu",
-    "+trainer.enable_progress_bar=false",
-    "trainer.max_epochs=1",
-    "trainer.check_val_every_n_epoch=1",
-    "trainer.log_every_n_steps=1",
-]
 
 
 def images(seed: int = 0) -> torch.Tensor:
@@ -276,7 +269,7 @@ def _logged_losses(log_dir) -> dict[str, list[float]]:
 
 @pytest.mark.parametrize(("row", "dim"), [("feat", 2048), ("search", 4064)])
 def test_tiny_training_run(row, dim, compose_config, tmp_path):
-    cfg = compose_config(*SMALL, f"light={row}")
+    cfg = compose_config(*ONE_EPOCH, f"light={row}")
     result = train(cfg)
     assert result["metric"] == "hamming"
     assert 0.0 <= result["R1"] <= 1.0 and 0.0 <= result["mAP"] <= 1.0
@@ -290,7 +283,7 @@ def test_tiny_training_run(row, dim, compose_config, tmp_path):
 
 def test_tiny_light_all_run_distils_into_a_pyramid_student(tiny_teacher, compose_config, tmp_path):
     teacher_path, _ = tiny_teacher
-    result = train(compose_config(*SMALL, "light=all", f"light.teacher_ckpt={teacher_path}"))
+    result = train(compose_config(*ONE_EPOCH, "light=all", f"light.teacher_ckpt={teacher_path}"))
     assert result["metric"] == "hamming" and 0.0 <= result["mAP"] <= 1.0
     teacher_path.unlink()  # the student checkpoint stands alone
     student = load_reid_module(tmp_path / "run/checkpoints/last.ckpt")

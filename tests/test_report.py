@@ -1,0 +1,294 @@
+"""`python -m agw_light.report` on a hand-built sweep folder: tables, CSV, plots and the runs that failed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import stat
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from agw_light.files import write_atomic
+from agw_light.report import collect_runs, format_ms, main, read_scalar_curves
+
+PYRAMID = "2048-1024-512-256-128-64-32"
+# light name -> (row, res18, light feature, light search, backbone, metrics of the row)
+ROWS = {
+    "full": (1, False, False, False, "resnet50",
+             {"feature_dim": 2048, "metric": "cosine", "R1": 0.9451, "mAP": 0.8652, "mINP": 0.6012,
+              "inference_ms_per_batch64": 5248.13, "search_ms_per_query": 2.5, "device": "cpu (2 threads)"}),
+    "model": (2, True, False, False, "resnet18",
+              {"feature_dim": 512, "metric": "cosine", "R1": 0.9312, "mAP": 0.8361, "mINP": 0.5523,
+               "inference_ms_per_batch64": 1210.55, "search_ms_per_query": 0.9, "device": "cpu (2 threads)"}),
+    "feat": (3, False, True, False, "resnet50",
+             {"feature_dim": 2048, "metric": "hamming", "R1": 0.9421, "mAP": 0.8594, "mINP": 0.5901,
+              "inference_ms_per_batch64": 5261.0, "search_ms_per_query": 0.3, "device": "cpu (2 threads)"}),
+    "search": (4, False, True, True, "resnet50",
+               {"feature_dim": PYRAMID, "metric": "hamming", "R1": 0.9419, "mAP": 0.8523, "mINP": 0.5702,
+                "inference_ms_per_batch64": 5270.4, "search_ms_per_query": 0.077, "device": "cpu (2 threads)",
+                "candidates": [2000, 500, 100, 50, 20, 10], "recall_at_1_of_exact": 0.995}),
+    "all": (5, True, True, True, "resnet18",
+            {"feature_dim": PYRAMID, "metric": "hamming", "R1": 0.9223, "mAP": 0.8094, "mINP": 0.5211,
+             "inference_ms_per_batch64": 1220.0, "search_ms_per_query": 0.071, "device": "cpu (2 threads)",
+             "candidates": [2000, 500, 100, 50, 20, 10], "recall_at_1_of_exact": 0.99}),
+}
+LOSSES = [(0, 9.0), (1, 7.5), (2, 6.0), (3, 5.5)]
+VAL_MAP = [(1, 0.2), (3, 0.4)]
+
+
+def make_run(
+    root, light: str, *, dataset: str = "market1501", metrics: dict | None = None, finished: bool = True,
+    curves: bool = True,
+):
+    """A run folder as `python -m agw_light.train -m` leaves it (config with an unresolvable Hydra key)."""
+    row, res18, light_feature, light_search, backbone, default_metrics = ROWS[light]
+    run_dir = root / dataset / light
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        OmegaConf.create({
+            "light": {"name": light, "row": row, "res18": res18, "light_feature": light_feature,
+                      "light_search": light_search},
+            "dataset": {"name": dataset},
+            "model": {"backbone": backbone},
+            "output_dir": "${hydra:runtime.output_dir}",
+        }),
+        run_dir / ".hydra" / "config.yaml",
+    )
+    if finished:
+        payload = {"checkpoint": str(run_dir / "checkpoints" / "best.ckpt"), "dataset": dataset,
+                   "backbone": backbone, **(metrics or default_metrics)}
+        (run_dir / "metrics.json").write_text(json.dumps(payload))
+    if curves:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+            for step, value in LOSSES:
+                writer.add_scalar("train/loss", value + row, step, walltime=100.0 + step)
+            for step, value in VAL_MAP:
+                writer.add_scalar("val/mAP", value, step, walltime=100.0 + step)
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    for light in ROWS:
+        make_run(root, light)
+    return root
+
+
+def _read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_png(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+        image.verify()
+
+
+def _leftover_temp_files(folder):
+    return [path for path in folder.rglob("*") if path.name.endswith(".tmp")]
+
+
+def test_report_tables_every_row_in_row_order(sweep, capsys):
+    assert main([str(sweep)]) == 0
+
+    table = _read_csv(sweep / "results.csv")
+    # Folder names sort all, feat, full, model, search: the table must follow light.row instead.
+    assert [entry["light"] for entry in table] == ["full", "model", "feat", "search", "all"]
+    for entry, (light, (row, res18, light_feature, light_search, backbone, metrics)) in zip(
+        table, ROWS.items(), strict=True
+    ):
+        assert entry["dataset"] == "market1501" and entry["row"] == str(row) and entry["backbone"] == backbone
+        assert (entry["model_res18"], entry["light_feature"], entry["light_search"]) == tuple(
+            str(flag).lower() for flag in (res18, light_feature, light_search)
+        )
+        for key in ("R1", "mAP", "mINP", "inference_ms_per_batch64", "search_ms_per_query"):
+            assert float(entry[key]) == metrics[key], (light, key)
+        assert entry["feature_dim"] == str(metrics["feature_dim"]) and entry["metric"] == metrics["metric"]
+        assert entry["device"] == "cpu (2 threads)"
+        assert entry["run_dir"] == str((sweep / "market1501" / light).resolve())
+
+    markdown = (sweep / "results.md").read_text()
+    assert f"# Results of `{sweep}`" in markdown and "on: cpu (2 threads)" in markdown
+    expected_lines = [
+        "| 1 (full) | - | - | - | 2048 | cosine | 0.945 | 0.865 | 0.601 | 5248.1 ms | 2.50 ms | cpu (2 threads) "
+        "| `market1501/full` |",
+        "| 2 (model) | √ | - | - | 512 | cosine | 0.931 | 0.836 | 0.552 | 1210.5 ms | 0.900 ms | cpu (2 threads) "
+        "| `market1501/model` |",
+        "| 3 (feat) | - | √ | - | 2048 | hamming | 0.942 | 0.859 | 0.590 | 5261.0 ms | 0.300 ms "
+        "| cpu (2 threads) | `market1501/feat` |",
+        f"| 4 (search) | - | √ | √ | multiple ({PYRAMID}) | hamming | 0.942 | 0.852 | 0.570 | 5270.4 ms "
+        "| 0.077 ms | cpu (2 threads) | `market1501/search` |",
+        f"| 5 (all) | √ | √ | √ | multiple ({PYRAMID}) | hamming | 0.922 | 0.809 | 0.521 | 1220.0 ms "
+        "| 0.071 ms | cpu (2 threads) | `market1501/all` |",
+    ]
+    table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "(" in line.split("|")[1]]
+    assert table_lines == expected_lines
+    assert "## market1501" in markdown and "Rows that did not finish" not in markdown
+    assert "](accuracy_vs_search_time.png)" in markdown and "](training_curves_market1501.png)" in markdown
+
+    _assert_png(sweep / "accuracy_vs_search_time.png")
+    _assert_png(sweep / "training_curves_market1501.png")
+    assert not _leftover_temp_files(sweep)
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    assert {line.removeprefix("wrote ") for line in printed.out.splitlines()} == {
+        str(sweep / name) for name in ("results.md", "results.csv", "accuracy_vs_search_time.png",
+                                       "training_curves_market1501.png")
+    }
+
+
+def test_failed_rows_are_named_with_their_reason_and_the_rest_still_reported(tmp_path, capsys):
+    root = tmp_path / "multirun"
+    for light in ("full", "model", "all"):
+        make_run(root, light)
+    crashed = make_run(root, "search", finished=False)
+    (crashed / "error.txt").write_text("RuntimeError: CUDA out of memory\nTraceback (most recent call last):\n")
+    killed = make_run(root, "feat", finished=False, curves=False)
+
+    assert main([str(root), "--out", str(tmp_path / "report")]) == 1
+
+    err = capsys.readouterr().err
+    assert f"row search (market1501, {crashed}): RuntimeError: CUDA out of memory (see {crashed / 'error.txt'})" in err
+    assert f"row feat (market1501, {killed}): no metrics.json: the run did not finish; see {killed}/train.log" in err
+    assert [entry["light"] for entry in _read_csv(tmp_path / "report" / "results.csv")] == ["full", "model", "all"]
+    markdown = (tmp_path / "report" / "results.md").read_text()
+    failed_section = markdown.split("## Rows that did not finish")[1].split("##")[0]
+    assert "row feat (market1501), `market1501/feat`: no metrics.json: the run did not finish" in failed_section
+    assert "row search (market1501), `market1501/search`: RuntimeError: CUDA out of memory" in failed_section
+    assert "| 3 (feat)" not in markdown and "| 4 (search)" not in markdown
+    assert not (root / "results.md").exists()  # --out was honoured
+
+
+def test_damaged_files_fail_their_row_and_name_the_file(tmp_path):
+    root = tmp_path / "multirun"
+    make_run(root, "full", curves=False)
+    truncated = make_run(root, "model", curves=False)
+    (truncated / "metrics.json").write_text('{"R1": 0.9, "mAP"')
+    incomplete = make_run(root, "feat", metrics={**ROWS["feat"][5], "mAP": None}, curves=False)
+    bad_config = make_run(root, "search", curves=False)
+    (bad_config / ".hydra" / "config.yaml").write_text("light: {name: search\n")
+    not_a_row = make_run(root, "all", curves=False)
+    OmegaConf.save(OmegaConf.create({"light": {"name": "all", "row": True}}), not_a_row / ".hydra" / "config.yaml")
+
+    rows, failures = collect_runs(root)
+
+    assert [run.light for run in rows] == ["full"]
+    reasons = {failure.run_dir: failure.reason for failure in failures}
+    assert str(truncated / "metrics.json") in reasons[truncated] and "truncated" in reasons[truncated]
+    assert f"{incomplete / 'metrics.json'}: key mAP is None" in reasons[incomplete]
+    assert str(bad_config / ".hydra" / "config.yaml") in reasons[bad_config]
+    assert "key light.row is True, expected int" in reasons[not_a_row]
+
+
+def test_error_newer_than_metrics_marks_the_row_failed(tmp_path):
+    """A rerun that failed in a finished run's folder must not pass off the old numbers as its result."""
+    run_dir = make_run(tmp_path, "full", curves=False)
+    (run_dir / "error.txt").write_text("ValueError: bad batch\n")
+    os.utime(run_dir / "metrics.json", (1_000, 1_000))
+    rows, failures = collect_runs(tmp_path)
+    assert rows == [] and failures[0].reason.startswith("ValueError: bad batch")
+
+    os.utime(run_dir / "error.txt", (500, 500))
+    rows, failures = collect_runs(tmp_path)
+    assert [run.light for run in rows] == ["full"] and failures == []
+
+
+@pytest.mark.parametrize("content", ["empty", "only_failed", "missing"])
+def test_nothing_finished_exits_2_and_writes_nothing(tmp_path, capsys, content):
+    root = tmp_path / "multirun"
+    if content != "missing":
+        root.mkdir()
+    if content == "only_failed":
+        for light in ("full", "model"):
+            run_dir = make_run(root, light, finished=False, curves=False)
+            (run_dir / "error.txt").write_text(f"OSError: disk full in {light}\n")
+    before = sorted(tmp_path.rglob("*"))
+
+    assert main([str(root)]) == 2
+
+    err = capsys.readouterr().err
+    assert str(root) in err
+    if content == "only_failed":
+        assert "none of its 2 run(s) finished" in err
+        assert f"row full (market1501, {root / 'market1501' / 'full'}): OSError: disk full in full" in err
+        assert f"row model (market1501, {root / 'market1501' / 'model'}): OSError: disk full in model" in err
+    else:
+        assert ("no run folder found" if content == "empty" else "no such folder") in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_rows_of_several_datasets_get_one_table_each(tmp_path):
+    root = tmp_path / "multirun"
+    make_run(root, "model", dataset="market1501", curves=False)
+    make_run(root, "full", dataset="market1501", curves=False)
+    make_run(root, "full", dataset="dukemtmcreid",
+             metrics={**ROWS["full"][5], "device": "NVIDIA H100 80GB HBM3"})
+
+    assert main([str(root)]) == 0
+
+    table = _read_csv(root / "results.csv")
+    assert [(entry["dataset"], entry["light"]) for entry in table] == [
+        ("dukemtmcreid", "full"), ("market1501", "full"), ("market1501", "model"),
+    ]
+    markdown = (root / "results.md").read_text()
+    duke, market = markdown.split("## dukemtmcreid")[1].split("## market1501")
+    assert "| 1 (full)" in duke and "NVIDIA H100 80GB HBM3" in duke and "| 2 (model)" not in duke
+    assert "| 1 (full)" in market and "| 2 (model)" in market
+    assert "on: NVIDIA H100 80GB HBM3; cpu (2 threads)" in markdown
+    # Only the Duke run logged scalars: no empty figure for Market-1501.
+    assert (root / "training_curves_dukemtmcreid.png").is_file()
+    assert not (root / "training_curves_market1501.png").exists()
+
+
+def test_scalar_curves_read_back_and_resume_keeps_the_latest_value(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = make_run(tmp_path, "full", curves=False)
+    with SummaryWriter(str(run_dir / "tensorboard"), filename_suffix=".a") as writer:
+        for step, value in [(0, 4.0), (1, 3.0), (2, 2.5), (3, 2.0)]:
+            writer.add_scalar("train/loss", value, step, walltime=10.0 + step)
+    # Resumed from the step-1 checkpoint: steps 2 and 3 are trained and logged again.
+    with SummaryWriter(str(run_dir / "tensorboard"), filename_suffix=".b") as writer:
+        for step, value in [(2, 2.4), (3, 1.9), (4, 1.5)]:
+            writer.add_scalar("train/loss", value, step, walltime=50.0 + step)
+
+    curves = read_scalar_curves(run_dir)
+
+    assert curves == {"train/loss": ([0, 1, 2, 3, 4], [4.0, 3.0, pytest.approx(2.4), pytest.approx(1.9), 1.5])}
+    assert read_scalar_curves(tmp_path / "nowhere") == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(5248.13, "5248.1"), (78.64, "78.6"), (1.254, "1.25"), (0.077, "0.077"), (0.0, "0.000"), (0.00042, "0.00042")],
+)
+def test_format_ms(value, text):
+    assert format_ms(value) == text
+
+
+def test_interrupted_write_keeps_the_previous_file_whole(tmp_path):
+    target = tmp_path / "results.md"
+    target.write_text("previous report\n")
+
+    def write_half_then_fail(handle):
+        handle.write(b"| half a tab")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, write_half_then_fail)
+    assert target.read_text() == "previous report\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results.md"]
+
+    write_atomic(target, lambda handle: handle.write(b"new report\n"))
+    assert target.read_text() == "new report\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results.md"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # readable like any file the user writes
