@@ -273,6 +273,8 @@ def test_tiny_training_run(row, dim, compose_config, tmp_path):
     result = train(cfg)
     assert result["metric"] == "hamming"
     assert 0.0 <= result["R1"] <= 1.0 and 0.0 <= result["mAP"] <= 1.0
+    if row == "search":  # coarse-to-fine rows also time the exact full-length scan they speed up
+        assert result["exact_search_ms_per_query"] > 0 and 0.0 <= result["recall_at_1_of_exact"] <= 1.0
     logged = _logged_losses(tmp_path / "run/tensorboard")
     assert set(logged) == {term.name for term in cfg.losses}  # every level's and every distillation term
     assert all(math.isfinite(value) for values in logged.values() for value in values)

@@ -36,6 +36,15 @@ def test_five_row_sweep_and_report(synthetic_cache, tmp_path):
         checkpoint = next((sweep / "synthetic" / student / "checkpoints").glob("best-*.ckpt"))
         assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["teacher_ckpt"] == teacher
 
+    # Each row's TensorBoard log holds its validation's ranked lists and the gallery embedding.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for row in ROWS:
+        events = EventAccumulator(str(sweep / "synthetic" / row / "tensorboard"), size_guidance={"images": 0})
+        events.Reload()
+        assert "val/ranked_lists" in events.Tags()["images"], row
+        assert (sweep / "synthetic" / row / "tensorboard" / "projector_config.pbtxt").is_file(), row
+
     reported = run_module("agw_light.report", str(sweep), cwd=tmp_path)
     assert reported.returncode == 0, reported.stderr[-3000:]
     with open(sweep / "results.csv", newline="") as handle:
