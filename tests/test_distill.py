@@ -120,6 +120,12 @@ def test_teacher_run_folder_stands_for_its_evaluated_checkpoint(tmp_path):
     (run / "metrics.json").write_text(json.dumps({"checkpoint": str(best), "mAP": 0.5}))
     assert resolve_teacher_checkpoint(run) == best
     assert resolve_teacher_checkpoint(best) == best
+    # Recorded relative to another working directory (or before the sweep folder moved): found in checkpoints/.
+    (run / "metrics.json").write_text(json.dumps({"checkpoint": f"elsewhere/checkpoints/{best.name}"}))
+    assert resolve_teacher_checkpoint(run) == best
+    (run / "metrics.json").write_text(json.dumps({"checkpoint": "elsewhere/checkpoints/gone.ckpt"}))
+    with pytest.raises(FileNotFoundError, match=r"names checkpoint elsewhere/checkpoints/gone.ckpt, which is neither"):
+        resolve_teacher_checkpoint(run)
     (run / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"metrics.json: expected a JSON object with key 'checkpoint'"):
         resolve_teacher_checkpoint(run)

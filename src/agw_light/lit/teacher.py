@@ -31,7 +31,9 @@ def resolve_teacher_checkpoint(path: str | Path) -> Path:
     """The checkpoint a `light.teacher_ckpt` value names: a .ckpt file, or a finished row-1 run folder.
 
     A run folder stands for the checkpoint its metrics.json was evaluated on (the best one), so a sweep can
-    point rows 2 and 5 at row 1's folder before row 1 has picked its best epoch.
+    point rows 2 and 5 at row 1's folder before row 1 has picked its best epoch. That checkpoint is looked
+    up in the folder's checkpoints/ first: metrics.json records the path as training saw it, which may be
+    relative to another working directory or predate a move of the sweep folder.
     """
     path = Path(path)
     if path.is_file():
@@ -47,9 +49,12 @@ def resolve_teacher_checkpoint(path: str | Path) -> Path:
             checkpoint = Path(json.loads(metrics.read_text())["checkpoint"])
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{metrics}: expected a JSON object with key 'checkpoint' ({error})") from error
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"{metrics} names checkpoint {checkpoint}, which does not exist")
-        return checkpoint
+        for candidate in (path / "checkpoints" / checkpoint.name, checkpoint):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"{metrics} names checkpoint {checkpoint}, which is neither in {path / 'checkpoints'} nor at that path"
+        )
     raise FileNotFoundError(
         f"light.teacher_ckpt={path}: no such file or run folder. Rows 2 and 5 distil from a trained row-1 model: "
         "put light=full first in the same sweep (-m light=full,model,...), or pass light.teacher_ckpt=<row-1 run "
