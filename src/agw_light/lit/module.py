@@ -127,12 +127,11 @@ class LitReID(pl.LightningModule):
         self.val_metric.update(features, batch["pid"], batch["camid"], batch["is_query"], batch["index"])
 
     def on_validation_epoch_end(self) -> None:
-        if self.keep_validation_samples and not self.trainer.sanity_checking:
-            with self.val_metric.sync_context():  # collective under DDP: every rank takes part
-                samples = self.val_metric.gathered_samples()
-            if samples is not None and self.trainer.is_global_zero:
-                self.validation_samples = {name: value.cpu() for name, value in samples.items()}
+        self.val_metric.keep_samples = self.keep_validation_samples and not self.trainer.sanity_checking
         results = self.val_metric.compute()
+        if self.trainer.is_global_zero:
+            self.validation_samples = self.val_metric.kept_samples
+        self.val_metric.kept_samples = None
         self.val_metric.reset()
         for name, value in results.items():
             # compute() already gathered every rank, so each rank logs the same value: no further reduction.

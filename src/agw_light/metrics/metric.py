@@ -47,6 +47,10 @@ class ReIDMetric(Metric):
             )
         self.distance = distance
         self.max_rank = max_rank
+        # When set, compute() leaves the samples it gathered (on CPU) in `kept_samples`, so pictures of the
+        # rankings need no second gather across ranks.
+        self.keep_samples = False
+        self.kept_samples: dict[str, torch.Tensor] | None = None
         for name in ("features", "pids", "camids", "is_query", "index"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -85,8 +89,7 @@ class ReIDMetric(Metric):
 
     def gathered_samples(self) -> dict[str, torch.Tensor] | None:
         """features, pids, camids, is_query and index of the samples held, repeats dropped, in index order
-        (None before any update). Inside `compute()` or `sync_context()` these are every rank's samples;
-        ranked-list pictures read them to show the rankings the metrics score."""
+        (None before any update). Inside `compute()` or `sync_context()` these are every rank's samples."""
         if isinstance(self.features, list) and not self.features:  # a list until synced, a tensor after
             return None
         samples = {
@@ -100,6 +103,8 @@ class ReIDMetric(Metric):
 
     def compute(self) -> dict[str, float]:
         samples = self.gathered_samples()
+        if self.keep_samples and samples is not None:
+            self.kept_samples = {name: value.cpu() for name, value in samples.items()}
         if samples is None:
             return self._undefined("no samples were added")
         features, pids, camids, is_query = (samples[name] for name in ("features", "pids", "camids", "is_query"))
