@@ -23,7 +23,7 @@ from agw_light.search import (
     split_levels,
     unpack_codes,
 )
-from agw_light.search import index as index_module
+from agw_light.search import storage as storage_module
 
 LEVELS = (64, 16, 8)  # the model's order: longest first
 
@@ -195,9 +195,7 @@ def test_search_and_ranking_equal_the_per_query_reference(candidates):
     np.testing.assert_array_equal(indices, expected_top)
     full = hamming_reference(pack_codes(queries[:, :64]), pack_codes(gallery[:, :64]))
     np.testing.assert_array_equal(distances, np.take_along_axis(full, indices, axis=1))
-    _, ranking_reference = reference_coarse_to_fine(
-        packed_levels(queries), packed_levels(gallery), candidates, 1
-    )
+    _, ranking_reference = reference_coarse_to_fine(packed_levels(queries), packed_levels(gallery), candidates, 1)
     blocks = list(index.ranking_distances(queries, query_chunk=4))
     assert [rows for rows, _ in blocks] == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 14)]
     ranking = np.concatenate([block for _, block in blocks])
@@ -304,7 +302,7 @@ def test_empty_indexes_search_and_round_trip(tmp_path):
         distances, indices = index.search(query, 5)
         assert distances.shape == indices.shape == (3, 0)
         index.save(tmp_path / index.kind)
-        assert load_index(tmp_path / index.kind).count == 0
+        assert load_index(tmp_path / index.kind).ntotal == 0
 
 
 def test_pyramid_input_layouts_and_bad_candidates():
@@ -352,9 +350,7 @@ def test_fit_candidates_reaches_the_target_and_ignores_labels():
     shuffled.add(gallery, GalleryMetadata(paths, list(rng.permutation(gallery_ids)), cams))
 
     counts = fit_candidates(index, validation, validation_gallery=validation_gallery, target_recall=0.95)
-    assert counts == fit_candidates(
-        shuffled, validation, validation_gallery=validation_gallery, target_recall=0.95
-    )
+    assert counts == fit_candidates(shuffled, validation, validation_gallery=validation_gallery, target_recall=0.95)
     assert len(counts) == 2 and 1 <= counts[1] <= counts[0] <= 4000 and counts[1] < 4000
 
     # The guarantee: recall@1 of the exact result on the validation queries over the joint gallery.
@@ -384,9 +380,7 @@ def test_fit_skips_levels_that_carry_no_information():
 
 def built_indexes(rng):
     gallery = planted_pyramid(rng, 80)
-    meta = GalleryMetadata(
-        [f"cam{i % 3}/ü_{i}.jpg" for i in range(80)], list(range(80)), [i % 3 for i in range(80)]
-    )
+    meta = GalleryMetadata([f"cam{i % 3}/ü_{i}.jpg" for i in range(80)], list(range(80)), [i % 3 for i in range(80)])
     float_index, hamming_index = FloatIndex(88), HammingIndex(64)
     float_index.add(gallery, meta)
     hamming_index.add(gallery[:, :64], meta)
@@ -408,14 +402,14 @@ def test_save_load_round_trip(tmp_path, name):
     index.save(tmp_path / "index")
     loaded = type(index).load(tmp_path / "index")
     assert type(load_index(tmp_path / "index")) is type(index)
-    assert loaded.count == index.count == 80 and loaded.metadata == index.metadata
+    assert loaded.ntotal == index.ntotal == 80 and loaded.metadata == index.metadata
     queries = queries_for(name, gallery)
     for got, want in zip(loaded.search(queries, 5), index.search(queries, 5), strict=True):
         np.testing.assert_array_equal(got, want)
     if name == "c2f":
         assert loaded.candidates == (20, 6) and loaded.code_lengths == LEVELS
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
-    assert manifest["format_version"] == index_module.FORMAT_VERSION and manifest["count"] == 80
+    assert manifest["format_version"] == storage_module.FORMAT_VERSION and manifest["count"] == 80
 
 
 def test_save_without_metadata_and_replace(tmp_path):
@@ -426,7 +420,7 @@ def test_save_without_metadata_and_replace(tmp_path):
     small.save(tmp_path / "index")
     large.save(tmp_path / "index")
     loaded = HammingIndex.load(tmp_path / "index")
-    assert loaded.count == 9 and loaded.metadata is None
+    assert loaded.ntotal == 9 and loaded.metadata is None
     np.testing.assert_array_equal(loaded.codes, large.codes)
     assert sorted(p.name for p in (tmp_path / "index").iterdir())[1:] == ["manifest.json"]  # one data folder
     (tmp_path / "other").mkdir()
@@ -496,7 +490,7 @@ def test_failed_save_leaves_the_old_index_loadable(tmp_path, monkeypatch):
     replacement = make_index(gallery[:30], (10, 5))
 
     calls = []
-    real_write = index_module._write_array
+    real_write = storage_module._write_array
 
     def failing_write(path, array):
         calls.append(path)
@@ -504,7 +498,7 @@ def test_failed_save_leaves_the_old_index_loadable(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_write(path, array)
 
-    monkeypatch.setattr(index_module, "_write_array", failing_write)
+    monkeypatch.setattr(storage_module, "_write_array", failing_write)
     with pytest.raises(OSError, match="disk full"):
         replacement.save(directory)
     monkeypatch.undo()
@@ -512,11 +506,11 @@ def test_failed_save_leaves_the_old_index_loadable(tmp_path, monkeypatch):
     def failing_replace(source, target):
         raise OSError("power cut")
 
-    monkeypatch.setattr(index_module.os, "replace", failing_replace)
+    monkeypatch.setattr(storage_module.os, "replace", failing_replace)
     with pytest.raises(OSError, match="power cut"):
         replacement.save(directory)
     monkeypatch.undo()
 
     loaded = CoarseToFineIndex.load(directory)
-    assert loaded.count == 80 and loaded.metadata == indexes["c2f"].metadata
+    assert loaded.ntotal == 80 and loaded.metadata == indexes["c2f"].metadata
     assert sorted(p.name for p in directory.iterdir())[1:] == ["manifest.json"]  # no leftovers

@@ -98,10 +98,10 @@ def evaluate_coarse_to_fine(
     """The protocol on the ranking a coarse-to-fine index produces (what its users get), not the exact one."""
     from agw_light.metrics import RankAccumulator
 
-    accumulator = RankAccumulator(g_pids, g_camids, max_rank, num_gallery=index.count)
+    accumulator = RankAccumulator(g_pids, g_camids, max_rank, num_gallery=index.ntotal)
     for rows, block in index.ranking_distances(query_codes):
         accumulator.add(torch.from_numpy(block), q_pids[rows], q_camids[rows])
-    return summarize_ranking(accumulator.result(), num_query=len(query_codes), num_gallery=index.count)
+    return summarize_ranking(accumulator.result(), num_query=len(query_codes), num_gallery=index.ntotal)
 
 
 def summarize_ranking(result: dict[str, Any], *, num_query: int, num_gallery: int) -> dict[str, float]:

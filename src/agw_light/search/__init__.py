@@ -2,6 +2,9 @@
 
 Usable without Lightning or a model: indexes take numpy or torch arrays of float codes (bit = value > 0),
 packed uint8 codes, or float features (`FloatIndex`). faiss is imported when an index is first built.
+
+Modules: `codes` (packing, Hamming distances), `metadata` (what a result points at), `index` (the three
+index kinds), `fit` (coarse-to-fine candidate counts), `storage` (the on-disk format).
 """
 
 from __future__ import annotations
@@ -13,20 +16,16 @@ from agw_light.search.codes import (
     split_levels,
     unpack_codes,
 )
-from agw_light.search.index import (
-    CoarseToFineIndex,
-    FloatIndex,
-    GalleryMetadata,
-    HammingIndex,
-    fit_candidates,
-    load_index,
-)
+from agw_light.search.fit import fit_candidates
+from agw_light.search.index import CoarseToFineIndex, FloatIndex, HammingIndex, SearchIndex, load_index
+from agw_light.search.metadata import GalleryMetadata
 
 __all__ = [
     "CoarseToFineIndex",
     "FloatIndex",
     "GalleryMetadata",
     "HammingIndex",
+    "SearchIndex",
     "fit_candidates",
     "hamming_distances",
     "hamming_reference",

@@ -32,9 +32,7 @@ def split_levels(features: Any, code_lengths: Sequence[int]) -> list[Any]:
     """
     lengths = [int(length) for length in code_lengths]
     if not lengths or any(length < 1 for length in lengths):
-        raise ValueError(
-            f"code_lengths must be a non-empty sequence of positive ints, got {list(code_lengths)}"
-        )
+        raise ValueError(f"code_lengths must be a non-empty sequence of positive ints, got {list(code_lengths)}")
     width = features.shape[-1]
     if width != sum(lengths):
         raise ValueError(
@@ -89,6 +87,26 @@ def check_packed(packed: Any, bits: int, name: str) -> np.ndarray:
             f"got {packed.dtype} of shape {packed.shape}"
         )
     return np.ascontiguousarray(packed)
+
+
+def as_packed(codes: Any, bits: int, name: str) -> np.ndarray:
+    """(N, bits) values (bit = value > 0) packed, or (N, ceil(bits / 8)) uint8 taken as packed already.
+
+    Padding bits of packed input are cleared so that they can never count in a distance.
+    """
+    array = as_numpy(codes)
+    width = code_bytes(bits)
+    if array.ndim == 2 and array.shape[1] == bits:
+        return pack_codes(array)
+    if array.ndim == 2 and array.dtype == np.uint8 and array.shape[1] == width:
+        packed = np.array(array, order="C")
+        if bits % 8:
+            packed[:, -1] &= np.uint8((0xFF << (8 - bits % 8)) & 0xFF)
+        return packed
+    raise ValueError(
+        f"{name} must be (N, {bits}) code values (bit = value > 0) or (N, {width}) packed uint8, "
+        f"got {array.dtype} of shape {array.shape}"
+    )
 
 
 def as_words(packed: np.ndarray) -> np.ndarray:

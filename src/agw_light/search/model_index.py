@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from agw_light.search.index import CoarseToFineIndex, FloatIndex, HammingIndex, fit_candidates
+from agw_light.search.fit import fit_candidates
+from agw_light.search.index import CoarseToFineIndex, FloatIndex, HammingIndex
 
 
 def code_lengths_of(model: torch.nn.Module) -> tuple[int, ...] | None:

@@ -1,0 +1,251 @@
+"""The on-disk format of an index: a versioned, checksummed folder written atomically.
+
+A saved index is a folder with `manifest.json` and a data folder of `.npy` arrays. The manifest records
+format, format_version, kind, count (the index's `ntotal`), has_metadata, the index's `settings()` (its
+geometry: dim, bits, code_lengths, levels, candidates), the data folder's name, and the size, SHA-256, dtype
+and shape of every array file. Gallery metadata travels as four arrays (`meta_*`): the UTF-8 bytes of all
+paths with their offsets, person ids and camera ids.
+
+`save` writes the arrays into a temporary folder, renames it into place, then atomically replaces
+`manifest.json`, which names the data folder: an existing index is replaced only once the new one is
+complete, and a failed save leaves it loadable. Only one process should save into a folder at a time.
+
+This module knows no index class: an index provides `kind`, `ntotal`, `metadata`, `settings()`, `arrays()`
+and `restore()` (the `Storable` protocol), and `load` is given the classes it may build, by kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from agw_light.search.metadata import GalleryMetadata
+
+FORMAT = "agw_light.search.index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class Storable(Protocol):
+    """What `save` and `load` need from an index."""
+
+    kind: ClassVar[str]
+    metadata: GalleryMetadata | None
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def settings(self) -> dict[str, Any]:
+        """The JSON-able geometry that `restore` needs, stored as top-level manifest keys."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays to save, by name."""
+
+    @classmethod
+    def restore(cls, settings: dict[str, Any], arrays: dict[str, np.ndarray]) -> Storable:
+        """The index (without metadata) described by a manifest and its loaded arrays."""
+
+
+def save(index: Storable, directory: str | Path) -> Path:
+    """Writes `index` into `directory` (created if needed), replacing an index already there."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory}: exists and is not a directory; cannot save an index there")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
+        raise FileExistsError(
+            f"{directory}: not empty and holds no {MANIFEST}; refusing to write an index over other files"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = index.arrays()
+    if index.metadata is not None:
+        arrays.update(_metadata_arrays(index.metadata))
+    token = uuid.uuid4().hex[:12]
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    try:
+        files = {name: _write_array(staging / f"{name}.npy", array) for name, array in arrays.items()}
+        _fsync_path(staging)
+        data_dir = f"data-{token}"
+        os.rename(staging, directory / data_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": index.kind,
+        "count": index.ntotal,
+        "has_metadata": index.metadata is not None,
+        **index.settings(),
+        "data_dir": data_dir,
+        "files": files,
+    }
+    manifest_tmp = directory / f".{MANIFEST}.{token}.tmp"
+    try:
+        with open(manifest_tmp, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(manifest_tmp, directory / MANIFEST)
+    except BaseException:
+        manifest_tmp.unlink(missing_ok=True)
+        shutil.rmtree(directory / data_dir, ignore_errors=True)
+        raise
+    _fsync_path(directory)
+    for stale in directory.iterdir():  # older data folders and leftovers of interrupted saves
+        if stale.name == data_dir or not stale.name.startswith(("data-", ".tmp-", f".{MANIFEST}.")):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    return directory
+
+
+def load(directory: str | Path, kinds: Mapping[str, type[Storable]], expected: type[Storable] | None = None) -> Any:
+    """The index saved in `directory`, restored by `kinds[its kind]`, or by `expected` if it holds that kind.
+
+    A missing, truncated, corrupted or foreign file is an error that names the file.
+    """
+    manifest_path, manifest = _read_manifest(directory)
+    kind = manifest["kind"]
+    if expected is not None and kind != expected.kind:
+        raise ValueError(
+            f"{manifest_path}: holds a {kind!r} index, expected {expected.kind!r} "
+            f"(load it with {kinds[kind].__name__}.load or agw_light.search.load_index)"
+            if kind in kinds
+            else f"{manifest_path}: unknown index kind {kind!r}, expected {expected.kind!r}"
+        )
+    if expected is None and kind not in kinds:
+        raise ValueError(f"{manifest_path}: unknown index kind {kind!r}, expected one of {sorted(kinds)}")
+    try:
+        return _load_arrays_and_restore(expected or kinds[kind], manifest_path, manifest)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{manifest_path}: malformed manifest ({type(error).__name__}: {error})") from error
+
+
+def check_array(array: np.ndarray, name: str, dtype: Any, shape: tuple[int | None, ...]) -> None:
+    """Raises unless a loaded array has `dtype` and `shape` (None: any length on that axis)."""
+    fits = array.ndim == len(shape) and all(
+        want is None or got == want for got, want in zip(array.shape, shape, strict=False)
+    )
+    if array.dtype != dtype or not fits:
+        expected = tuple("N" if want is None else want for want in shape)
+        raise ValueError(
+            f"array {name!r} must be {np.dtype(dtype)} of shape {expected}, got {array.dtype} {array.shape}"
+        )
+
+
+def _metadata_arrays(metadata: GalleryMetadata) -> dict[str, np.ndarray]:
+    encoded = [path.encode("utf-8") for path in metadata.paths]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(item) for item in encoded], out=offsets[1:])
+    return {
+        "meta_paths_utf8": np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
+        "meta_path_offsets": offsets,
+        "meta_pids": np.asarray(metadata.pids, dtype=np.int64),
+        "meta_camids": np.asarray(metadata.camids, dtype=np.int64),
+    }
+
+
+def _metadata_from_arrays(arrays: dict[str, np.ndarray], manifest_path: Path) -> GalleryMetadata:
+    blob, offsets = arrays["meta_paths_utf8"].tobytes(), arrays["meta_path_offsets"]
+    if offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{manifest_path}: metadata path offsets do not fit the path bytes")
+    paths = [blob[begin:end].decode("utf-8") for begin, end in itertools.pairwise(offsets)]
+    return GalleryMetadata(paths, arrays["meta_pids"].tolist(), arrays["meta_camids"].tolist())
+
+
+def _write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
+    """Saves `array` as .npy (fsynced) and returns its manifest entry with the file's size and SHA-256."""
+    array = np.ascontiguousarray(array)
+    with open(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": _sha256(path),
+        "dtype": array.dtype.str,
+        "shape": list(array.shape),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _read_manifest(directory: str | Path) -> tuple[Path, dict[str, Any]]:
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: not found (expected an index folder written by save())")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{manifest_path}: not valid JSON ({error}); the manifest is corrupted") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path}: not an agw_light search index (expected format {FORMAT!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{manifest_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION}); "
+            "rebuild the index with this version of agw_light"
+        )
+    for key in ("kind", "count", "has_metadata", "data_dir", "files"):
+        if key not in manifest:
+            raise ValueError(f"{manifest_path}: missing key {key!r}")
+    return manifest_path, manifest
+
+
+def _load_arrays_and_restore(cls: type[Storable], manifest_path: Path, manifest: dict[str, Any]) -> Any:
+    data_dir = manifest_path.parent / manifest["data_dir"]
+    arrays = {}
+    for name, entry in manifest["files"].items():
+        path = data_dir / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (listed in {manifest_path})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(
+                f"{path}: {size} bytes, expected {entry['bytes']} as {manifest_path} records (truncated or replaced)"
+            )
+        digest = _sha256(path)
+        if digest != entry["sha256"]:
+            raise ValueError(
+                f"{path}: checksum mismatch (sha256 {digest}, {manifest_path} records {entry['sha256']}); "
+                "the file is corrupted"
+            )
+        arrays[name] = np.load(path, allow_pickle=False)
+    try:
+        index = cls.restore(manifest, arrays)
+    except ValueError as error:
+        raise ValueError(f"{manifest_path}: does not describe a valid {cls.kind!r} index: {error}") from error
+    if index.ntotal != manifest["count"]:
+        raise ValueError(f"{manifest_path}: records {manifest['count']} items but the arrays hold {index.ntotal}")
+    if manifest["has_metadata"]:
+        index.metadata = _metadata_from_arrays(arrays, manifest_path)
+        if len(index.metadata) != index.ntotal:
+            raise ValueError(f"{manifest_path}: metadata has {len(index.metadata)} items for {index.ntotal} codes")
+    return index
