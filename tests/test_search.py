@@ -305,6 +305,47 @@ def test_empty_indexes_search_and_round_trip(tmp_path):
         assert load_index(tmp_path / index.kind).ntotal == 0
 
 
+def test_faiss_names_and_how_k_is_clamped():
+    """ntotal and d as in faiss; k must be a positive int, and more than ntotal gives ntotal columns."""
+    gallery = planted_pyramid(np.random.default_rng(16), 6)
+    float_index, hamming_index = FloatIndex(88), HammingIndex(64)
+    float_index.add(gallery)
+    hamming_index.add(gallery[:, :64])
+    pyramid = make_index(gallery, (4, 2))
+    assert (float_index.d, hamming_index.d, pyramid.d) == (88, 64, sum(LEVELS))
+    for index, query in ((float_index, gallery), (hamming_index, gallery[:, :64]), (pyramid, gallery)):
+        assert index.ntotal == len(index) == 6
+        assert index.clamp_k(3) == 3 and index.clamp_k(np.int64(50)) == 6
+        distances, indices = index.search(query[:2], 50)
+        assert distances.shape == indices.shape == (2, 6)
+        for bad in (0, -1, True, 2.0, None):
+            with pytest.raises(ValueError, match="k must be a positive int"):
+                index.search(query[:2], bad)
+
+
+def test_stage_accessors_replay_the_search():
+    """scan, rerank, level_codes and stage_codes, chained by hand, give what search gives."""
+    rng = np.random.default_rng(17)
+    gallery, queries = planted_pyramid(rng, 100), planted_pyramid(rng, 9)
+    index = make_index(gallery, (30, 10))
+    per_stage = index.stage_codes(queries)
+    for stage, packed in enumerate(packed_levels(queries)):
+        np.testing.assert_array_equal(per_stage[stage], packed)
+    for stage, packed in enumerate(packed_levels(gallery)):
+        np.testing.assert_array_equal(index.level_codes(stage), packed)
+    assert not index.level_codes(0).flags.writeable
+    survivors = index.scan(0, per_stage[0], 30)[1]
+    survivors = index.rerank(1, per_stage[1], survivors, 10)[2]
+    _, distances, indices = index.rerank(2, per_stage[2], survivors, 4, sort=True)
+    for got, want in zip((distances, indices), index.search(queries, 4), strict=True):
+        np.testing.assert_array_equal(got, want)
+    rebuilt = CoarseToFineIndex.from_stage_codes(LEVELS, [index.level_codes(s) for s in range(3)])
+    rebuilt.candidates = (30, 10)
+    np.testing.assert_array_equal(rebuilt.search(queries, 4)[1], indices)
+    with pytest.raises(ValueError, match="different numbers of codes"):
+        CoarseToFineIndex.from_stage_codes(LEVELS, [index.level_codes(0)[:5], *per_stage[1:]])
+
+
 def test_pyramid_input_layouts_and_bad_candidates():
     rng = np.random.default_rng(7)
     gallery = planted_pyramid(rng, 40)
