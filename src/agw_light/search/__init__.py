@@ -4,7 +4,8 @@ Usable without Lightning or a model: indexes take numpy or torch arrays of float
 packed uint8 codes, or float features (`FloatIndex`). faiss is imported when an index is first built.
 
 Modules: `codes` (packing, Hamming distances), `metadata` (what a result points at), `index` (the three
-index kinds), `fit` (coarse-to-fine candidate counts), `storage` (the on-disk format).
+index kinds), `fit` (coarse-to-fine candidate counts), `storage` (the on-disk format), `model_index` (the
+index a model's code lengths call for).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from agw_light.search.codes import (
 from agw_light.search.fit import fit_candidates
 from agw_light.search.index import CoarseToFineIndex, FloatIndex, HammingIndex, SearchIndex, load_index
 from agw_light.search.metadata import GalleryMetadata
+from agw_light.search.model_index import build_index
 
 __all__ = [
     "CoarseToFineIndex",
@@ -26,6 +28,7 @@ __all__ = [
     "GalleryMetadata",
     "HammingIndex",
     "SearchIndex",
+    "build_index",
     "fit_candidates",
     "hamming_distances",
     "hamming_reference",
