@@ -102,8 +102,12 @@ def random_problem(rng, kind: str):
     shape = (num_query, num_gallery)
     if kind == "integer float32":  # Hamming-like: massive ties
         distmat = rng.integers(0, 6, shape).astype(np.float32)
-    elif kind == "half-integer float64":  # ties that are not integers (no tie-free keys)
+    elif kind == "half-integer float64":  # float32 values held as float64: packed keys
         distmat = rng.integers(0, 6, shape) * 0.5 + 0.25
+    elif kind == "tenths float64":  # ties float32 would round apart: compared with the tie rule spelled out
+        distmat = rng.integers(0, 6, shape) * 0.1
+    elif kind == "signed float32 with zeros":  # negative keys, and -0.0 tying with 0.0
+        distmat = rng.choice(np.array([-np.inf, -2.5, -1.0, -0.0, 0.0, 1e-30, 1.0, 3.5], dtype=np.float32), shape)
     elif kind == "int64":
         distmat = rng.integers(-3, 3, shape)
     elif kind == "float32 with inf":
@@ -119,7 +123,16 @@ def random_problem(rng, kind: str):
     return distmat, pids[0], pids[1], cams[0], cams[1]
 
 
-KINDS = ["float64", "integer float32", "half-integer float64", "int64", "float32 with inf", "constant"]
+KINDS = [
+    "float64",
+    "integer float32",
+    "half-integer float64",
+    "tenths float64",
+    "signed float32 with zeros",
+    "int64",
+    "float32 with inf",
+    "constant",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -131,23 +144,47 @@ def test_matches_reference_on_random_data(kind):
         assert_results_equal(evaluate_rank(*problem, max_rank=max_rank), reference_rank(*problem, max_rank))
 
 
-def test_chunking_does_not_change_results(monkeypatch):
+@pytest.mark.parametrize("kind", ["integer float32", "tenths float64"])
+def test_chunks_and_steps_do_not_change_results(monkeypatch, kind):
+    """Chunks of rows and steps of comparisons down to one row and one match at a time."""
     rng = np.random.default_rng(7)
-    problem = random_problem(rng, "half-integer float64")
-    expected = reference_rank(*problem, 20)
-    for chunk_elements in (1, 37, 1000):
+    problems = [random_problem(rng, kind) for _ in range(5)]
+    expected = [reference_rank(*problem, 20) for problem in problems]
+    for chunk_elements, comparisons in ((1, 1), (37, 5), (1000, 150), (1000, 10**6)):
         monkeypatch.setattr(rank_module, "CHUNK_ELEMENTS", chunk_elements)
-        assert_results_equal(evaluate_rank(*problem, max_rank=20), expected)
+        monkeypatch.setattr(rank_module, "COMPARISONS_PER_STEP", comparisons)
+        for problem, reference in zip(problems, expected, strict=True):
+            assert_results_equal(evaluate_rank(*problem, max_rank=20), reference)
 
 
-def test_realistic_float32_distances_match_reference():
-    """Larger rows, features clustered by identity: many buckets, matches near the top of the ranking."""
+def test_gallery_too_large_for_packed_keys_uses_the_tie_rule(monkeypatch):
+    monkeypatch.setattr(rank_module, "INDEX_BITS", 3)  # packed keys only for galleries of up to 8 items
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        problem = random_problem(rng, "integer float32")
+        assert_results_equal(evaluate_rank(*problem, max_rank=10), reference_rank(*problem, 10))
+
+
+def test_accumulator_fed_in_blocks_equals_whole_matrix():
+    rng = np.random.default_rng(9)
+    distmat, q_pids, g_pids, q_cams, g_cams = random_problem(rng, "integer float32")
+    accumulator = rank_module.RankAccumulator(g_pids, g_cams, max_rank=15)
+    for start in range(0, len(distmat), 3):
+        rows = slice(start, start + 3)
+        accumulator.add(torch.from_numpy(distmat[rows]), q_pids[rows], q_cams[rows])
+    assert_results_equal(accumulator.result(), reference_rank(distmat, q_pids, g_pids, q_cams, g_cams, 15))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "hamming"])
+def test_realistic_distances_match_reference(distance):
+    """Larger rows, features clustered by identity: matches near the top of the ranking; 32-bit Hamming
+    distances tie by the hundreds."""
     rng = np.random.default_rng(3)
     g_pids, q_pids = rng.integers(0, 50, 2000), rng.integers(0, 50, 60)
     centers = rng.normal(size=(50, 32))
     gallery = centers[g_pids] + rng.normal(size=(2000, 32))
     query = centers[q_pids] + rng.normal(size=(60, 32))
-    distmat = pairwise_distance(torch.tensor(query), torch.tensor(gallery), "cosine").float().numpy()
+    distmat = pairwise_distance(torch.tensor(query), torch.tensor(gallery), distance).float().numpy()
     q_cams, g_cams = rng.integers(0, 4, 60), rng.integers(0, 4, 2000)
     expected = reference_rank(distmat, q_pids, g_pids, q_cams, g_cams)
     assert expected["mAP"] > 0.3  # the setting is meaningful: matches rank high
@@ -210,9 +247,7 @@ def test_evaluate_retrieval_in_blocks_equals_full_matrix(distance):
     q_pids, g_pids = rng.integers(0, 6, 23), rng.integers(0, 6, 90)
     q_cams, g_cams = rng.integers(0, 3, 23), rng.integers(0, 3, 90)
     full = evaluate_rank(pairwise_distance(query, gallery, distance), q_pids, g_pids, q_cams, g_cams)
-    blocks = evaluate_retrieval(
-        query, gallery, q_pids, g_pids, q_cams, g_cams, distance=distance, query_chunk=4
-    )
+    blocks = evaluate_retrieval(query, gallery, q_pids, g_pids, q_cams, g_cams, distance=distance, query_chunk=4)
     assert_results_equal(blocks, full)
 
 
