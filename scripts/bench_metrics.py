@@ -1,4 +1,4 @@
-"""Benchmark `evaluate_rank` against a plain vectorised numpy implementation on a Market-sized matrix.
+"""Benchmark `evaluate_rank` (sort-free) against the bucket algorithm it replaced and numpy sort baselines.
 
     python scripts/bench_metrics.py                 # Market-1501 size: 3,368 x 19,732, best of 3
     python scripts/bench_metrics.py --hamming       # also integer distances with heavy ties
@@ -6,8 +6,14 @@
 
 The distance matrix is random (seeded) float32: uniform, or Hamming-like integers with --hamming. Pids and
 cameras are laid out like the real test sets (Market: 751 ids, 6 cameras, ~20 gallery images per id plus
-distractors). Both implementations run in the same process on the same data (best of N), and their results
-must agree exactly.
+distractors). Every implementation runs in the same process on the same data and must give the same result.
+
+Issue 11 (item 8) keeps the bucket algorithm only if it beats the sort-free evaluator by at least 1.5x and
+never gets slower with more threads under contention. The bucket algorithm is read from the last commit
+that had it (`--bucket-revision`, loaded from git), and both run on torch 1 and 2 intra-op threads, first
+as the machine is, then with two busy processes started by this script ("contention"). Timings interleave
+the candidates round by round and keep each one's best. Each mode also reports the cores that processes
+other than this one kept busy (Linux /proc/stat), since the machine may be shared.
 
 Peak memory is the growth of the process's peak resident set size during one call: the kernel's high-water
 mark (VmHWM in /proc/self/status) is reset through /proc/self/clear_refs before the call and read after it
@@ -19,7 +25,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
+import platform
+import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +38,12 @@ import numpy as np
 import torch
 
 from agw_light.metrics import evaluate_rank
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+# The last commit whose src/agw_light/metrics/rank.py holds the bucket algorithm.
+BUCKET_REVISION = "41f1133028556deb446ffe7ffea1106d93db83b5"
+THREADS = (1, 2)
+KEEP_BUCKET_SPEED_UP = 1.5
 
 
 def baseline_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, sort_kind="stable") -> dict:
@@ -92,16 +109,30 @@ def make_problem(size: str, seed: int, distances: str = "uniform"):
     return distmat, q_pids, g_pids, q_cams, g_cams
 
 
+def load_bucket_rank(revision: str) -> Callable[..., dict]:
+    """The bucket algorithm's `evaluate_rank`, from `revision` of the repository (it left the package)."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:src/agw_light/metrics/rank.py"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType("bucket_rank")
+    exec(compile(source, f"{revision[:7]}:src/agw_light/metrics/rank.py", "exec"), module.__dict__)
+    return module.evaluate_rank
+
+
 def _read_status_kb(field: str) -> int:
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
     return int(line.split()[1])
 
 
-def _peak_run(which: str, size: str, seed: int, distances: str, threads: int) -> tuple[float, float, dict]:
+def _peak_run(which: str, size: str, seed: int, distances: str, revision: str) -> tuple[float, float, dict]:
     """In a fresh process: seconds, peak RSS growth (MB) and result of one call on a freshly built problem."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     problem = make_problem(size, seed, distances)
-    fn = evaluate_rank if which == "ours" else baseline_rank
+    fn = {"sort-free": evaluate_rank, "baseline": baseline_rank}.get(which) or load_bucket_rank(revision)
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
     before = _read_status_kb("VmRSS:")
     start = time.perf_counter()
@@ -110,19 +141,53 @@ def _peak_run(which: str, size: str, seed: int, distances: str, threads: int) ->
     return seconds, (_read_status_kb("VmHWM:") - before) / 1024, result
 
 
-def run_fresh(which: str, size: str, seed: int, distances: str, threads: int) -> tuple[float, float, dict]:
+def run_fresh(which: str, size: str, args: argparse.Namespace, distances: str) -> tuple[float, float, dict]:
     """A fresh interpreter per measurement: memory freed by earlier calls cannot hide the peak."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_peak_run, (which, size, seed, distances, threads))
+        return pool.apply(_peak_run, (which, size, args.seed, distances, args.bucket_revision))
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> tuple[object, float]:
-    best, result = float("inf"), None
+class BusyProcesses:
+    """Python processes that each keep one core busy while the block runs: the contention of a shared machine."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> BusyProcesses:
+        self.processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.count)]
+        time.sleep(0.5 if self.count else 0.0)  # let them start spinning
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for process in self.processes:
+            process.terminate()
+            process.wait()
+
+
+def _busy_seconds() -> tuple[float, float]:
+    """(machine busy CPU seconds from /proc/stat, this process's CPU seconds, all its threads)."""
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:9]]
+    own = os.times()
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def interleaved_best(candidates: dict[str, Callable[[], dict]], repeats: int) -> tuple[dict, dict, float]:
+    """Best seconds and last result of each candidate over `repeats` rounds (one call each per round, in
+    turn), and the cores other processes kept busy meanwhile."""
+    best = dict.fromkeys(candidates, float("inf"))
+    results = {}
+    machine_before, own_before = _busy_seconds()
+    wall_start = time.perf_counter()
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    machine_after, own_after = _busy_seconds()
+    other_cores = ((machine_after - machine_before) - (own_after - own_before)) / (time.perf_counter() - wall_start)
+    return best, results, other_cores
 
 
 def assert_same(name: str, ours: dict, theirs: dict) -> None:
@@ -138,72 +203,124 @@ def assert_same(name: str, ours: dict, theirs: dict) -> None:
         raise AssertionError(f"{name}: results differ by {worst:.3g}")
 
 
-def bench_market(args: argparse.Namespace, distances: str) -> None:
-    """Both implementations in this process on the same matrix (best of N), then each in a fresh one for
-    its peak memory."""
+def label(implementation: str, threads: int) -> str:
+    return f"{implementation}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def with_threads(threads: int, fn: Callable[[], dict]) -> Callable[[], dict]:
+    def run() -> dict:
+        torch.set_num_threads(threads)
+        return fn()
+
+    return run
+
+
+def bench_market(args: argparse.Namespace, distances: str, bucket_rank: Callable[..., dict]) -> None:
+    """Sort-free and bucket on 1 and 2 threads, without and with two busy processes, plus the numpy sort
+    baselines once; then each implementation in a fresh process for its peak memory."""
     problem = make_problem("market1501", args.seed, distances)
     num_query, num_gallery = problem[0].shape
-    print(f"Market-1501 size {num_query} x {num_gallery}, {DISTANCES[distances]}")
-    candidates = {
-        "numpy baseline, stable argsort": lambda: baseline_rank(*problem, sort_kind="stable"),
-        "numpy baseline, quicksort argsort": lambda: baseline_rank(*problem, sort_kind="quicksort"),
-        "evaluate_rank": lambda: evaluate_rank(*problem),
-    }
-    results, timings = {}, {}
-    for name, fn in candidates.items():
-        results[name], timings[name] = best_time(fn, args.repeats)
-    ours = results["evaluate_rank"]
-    assert_same("evaluate_rank vs stable baseline", ours, results["numpy baseline, stable argsort"])
-    quick_gap = abs(ours["mAP"] - results["numpy baseline, quicksort argsort"]["mAP"])
+    print(f"\nMarket-1501 size {num_query} x {num_gallery}, {DISTANCES[distances]}")
+    candidates = {}
+    for threads in THREADS:
+        candidates[label("sort-free", threads)] = with_threads(threads, lambda: evaluate_rank(*problem))
+        candidates[label("bucket", threads)] = with_threads(threads, lambda: bucket_rank(*problem))
+    timings, results = {}, {}
+    for mode, busy in (("as is", 0), ("contention", 2)):
+        with BusyProcesses(busy):
+            timings[mode], mode_results, other_cores = interleaved_best(candidates, args.repeats)
+        results |= {f"{name} ({mode})": result for name, result in mode_results.items()}
+        print(
+            f"  {mode} (other processes kept {other_cores:.2f} of {os.cpu_count()} cores busy), best of {args.repeats}:"
+        )
+        for name, seconds in timings[mode].items():
+            print(f"    {name:24s} {seconds:6.3f} s")
+    if not args.skip_baselines:
+        baselines = {
+            "numpy baseline, stable argsort": lambda: baseline_rank(*problem, sort_kind="stable"),
+            "numpy baseline, quicksort argsort": lambda: baseline_rank(*problem, sort_kind="quicksort"),
+        }
+        baseline_timings, baseline_results, other_cores = interleaved_best(baselines, args.repeats)
+        results |= baseline_results
+        print(f"  numpy sort baselines (other processes: {other_cores:.2f} cores), best of {args.repeats}:")
+        for name, seconds in baseline_timings.items():
+            print(f"    {name:34s} {seconds:6.3f} s")
+    sort_free = results[f"{label('sort-free', 1)} (as is)"]
+    for name, result in results.items():
+        if "quicksort" not in name:  # quicksort orders ties arbitrarily
+            assert_same(f"sort-free vs {name}", sort_free, result)
     print(
-        f"  evaluate_rank == stable baseline: R1 {ours['cmc'][0]:.5f}, mAP {ours['mAP']:.6f}, "
-        f"mINP {ours['mINP']:.6f}, valid queries {ours['num_valid_queries']}; "
-        f"quicksort baseline mAP off by {quick_gap:.1e} (arbitrary tie order)"
+        f"  all agree (to 1e-9): R1 {sort_free['cmc'][0]:.5f}, mAP {sort_free['mAP']:.6f}, "
+        f"mINP {sort_free['mINP']:.6f}, valid queries {sort_free['num_valid_queries']}"
     )
-    for name, seconds in timings.items():
-        print(f"  {name:34s} best of {args.repeats}: {seconds:6.3f} s")
-    ours_s = timings["evaluate_rank"]
+    report_rule(timings)
+    peaks = {which: run_fresh(which, "market1501", args, distances)[1] for which in ("sort-free", "bucket", "baseline")}
     print(
-        f"  speed-up of evaluate_rank: {timings['numpy baseline, quicksort argsort'] / ours_s:.1f}x over "
-        f"quicksort, {timings['numpy baseline, stable argsort'] / ours_s:.1f}x over stable"
+        "  peak RSS growth in a fresh process (VmHWM, 1 thread): "
+        + ", ".join(f"{which} {peak:.0f} MB" for which, peak in peaks.items())
     )
-    peaks = {
-        which: run_fresh(which, "market1501", args.seed, distances, args.threads)[1]
-        for which in ("baseline", "ours")
-    }
+
+
+def report_rule(timings: dict[str, dict[str, float]]) -> None:
+    """Issue 11's rule, applied literally: the bucket algorithm stays only if both conditions hold."""
+    as_is = timings["as is"]
+    bucket_best = min(as_is[label("bucket", threads)] for threads in THREADS)
+    sort_free_best = min(as_is[label("sort-free", threads)] for threads in THREADS)
+    speed_up = sort_free_best / bucket_best
+    busy = timings["contention"]
+    slowdown = busy[label("bucket", THREADS[-1])] / busy[label("bucket", THREADS[0])]
+    fast_enough, scales = speed_up >= KEEP_BUCKET_SPEED_UP, slowdown <= 1.0
     print(
-        f"  peak RSS growth in a fresh process (VmHWM): baseline (stable) {peaks['baseline']:.0f} MB, "
-        f"evaluate_rank {peaks['ours']:.0f} MB"
+        f"  rule: bucket (best thread count) is {speed_up:.2f}x the speed of sort-free "
+        f"(needs >= {KEEP_BUCKET_SPEED_UP}x: {'met' if fast_enough else 'not met'}); under contention its "
+        f"{THREADS[-1]}-thread run takes {slowdown:.2f}x its {THREADS[0]}-thread time "
+        f"(needs <= 1: {'met' if scales else 'not met'}) -> "
+        f"{'keep the bucket algorithm' if fast_enough and scales else 'sort-free'}"
     )
 
 
 def bench_msmt(args: argparse.Namespace) -> None:
-    """evaluate_rank alone (the baseline's int64 argsort would need 7.6 GB), once, in a fresh process."""
+    """Sort-free and bucket once each, in fresh processes on 1 thread (the numpy baseline's int64 argsort
+    would need 7.6 GB)."""
     num_query, num_gallery = SIZES["msmt17"][:2]
     print(
-        f"MSMT17 size {num_query} x {num_gallery}, {DISTANCES['uniform']} "
+        f"\nMSMT17 size {num_query} x {num_gallery}, {DISTANCES['uniform']} "
         f"({num_query * num_gallery * 4 / 2**30:.2f} GiB)"
     )
-    seconds, peak, result = run_fresh("ours", "msmt17", args.seed, "uniform", args.threads)
-    print(
-        f"  evaluate_rank: {seconds:.2f} s (one run), peak RSS growth {peak:.0f} MB, "
-        f"mAP {result['mAP']:.6f}, valid queries {result['num_valid_queries']}"
-    )
+    results = {}
+    for which in ("sort-free", "bucket"):
+        seconds, peak, results[which] = run_fresh(which, "msmt17", args, "uniform")
+        print(
+            f"  {which}: {seconds:.2f} s (one run, 1 thread), peak RSS growth {peak:.0f} MB, "
+            f"mAP {results[which]['mAP']:.6f}, valid queries {results[which]['num_valid_queries']}"
+        )
+    assert_same("sort-free vs bucket", results["sort-free"], results["bucket"])
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings (default 3)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hamming", action="store_true", help="also time integer (Hamming) distances")
-    parser.add_argument("--msmt", action="store_true", help="also time the MSMT17 size (evaluate_rank only)")
+    parser.add_argument("--msmt", action="store_true", help="also time the MSMT17 size (once each)")
+    parser.add_argument("--skip-baselines", action="store_true", help="skip the numpy sort baselines")
+    parser.add_argument("--bucket-revision", default=BUCKET_REVISION, help="git revision of the bucket algorithm")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
-    bench_market(args, "uniform")
+    bucket_rank = load_bucket_rank(args.bucket_revision)
+    print(
+        f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, numpy {np.__version__}, "
+        f"Python {platform.python_version()}; bucket algorithm from {args.bucket_revision[:7]}"
+    )
+    bench_market(args, "uniform", bucket_rank)
     if args.hamming:
-        bench_market(args, "hamming64")
+        bench_market(args, "hamming64", bucket_rank)
     if args.msmt:
         bench_msmt(args)
 
