@@ -37,8 +37,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.height}x{args.width}, amp {args.amp}, torch {torch.__version__}")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{args.height}x{args.width}, amp {args.amp}, torch {torch.__version__}"
+    )
     baseline = None
     for name, kwargs in MODELS.items():
         model = build_model(num_classes=751, pretrained="none", **kwargs).eval()
@@ -46,8 +48,14 @@ def main() -> None:
             model = model.to(memory_format=torch.channels_last)
         autocast = torch.autocast(device.type, dtype=torch.float16) if args.amp else contextlib.nullcontext()
         with autocast:
-            ms = time_inference(model, height=args.height, width=args.width, device=device,
-                                batch_size=args.batch_size, repeats=args.repeats)
+            ms = time_inference(
+                model,
+                height=args.height,
+                width=args.width,
+                device=device,
+                batch_size=args.batch_size,
+                repeats=args.repeats,
+            )
         baseline = baseline or ms
         print(f"{name:55s} {ms:9.1f} ms / batch  ({baseline / ms:4.2f}x the first)")
 

@@ -71,24 +71,18 @@ class Split:
 class Generator:
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
-        self.projections = [
-            self.rng.standard_normal((LATENT_DIM, bits)).astype(np.float32) for bits in LEVELS
-        ]
+        self.projections = [self.rng.standard_normal((LATENT_DIM, bits)).astype(np.float32) for bits in LEVELS]
 
     def prototypes(self, identities: int) -> np.ndarray:
         clusters = self.rng.standard_normal((max(1, identities // IDENTITIES_PER_CLUSTER), LATENT_DIM))
         centre = clusters[self.rng.integers(0, len(clusters), identities)]
-        return (centre + IDENTITY_SPREAD * self.rng.standard_normal((identities, LATENT_DIM))).astype(
-            np.float32
-        )
+        return (centre + IDENTITY_SPREAD * self.rng.standard_normal((identities, LATENT_DIM))).astype(np.float32)
 
     def split(self, prototypes: np.ndarray, count: int, cameras: int, *, floats: bool) -> Split:
         from agw_light.search import pack_codes
 
         pids = self.rng.integers(0, len(prototypes), count)
-        latent = prototypes[pids] + IMAGE_NOISE * self.rng.standard_normal((count, LATENT_DIM)).astype(
-            np.float32
-        )
+        latent = prototypes[pids] + IMAGE_NOISE * self.rng.standard_normal((count, LATENT_DIM)).astype(np.float32)
         levels, features = [], None
         for bits, projection in zip(LEVELS, self.projections, strict=True):
             values = latent @ projection
@@ -158,9 +152,7 @@ def resident_mb(directory: Path, threads: int) -> float:
         "before = rss(); index = load_index(sys.argv[1]); print((rss() - before) / 1e6)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(directory)], capture_output=True, text=True, env=env
-    )
+    out = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(out.stderr)
     return float(out.stdout)
@@ -207,9 +199,7 @@ def run_size(size: Size, args, workdir: Path) -> dict:
     queries = generator.split(test_ids, size.queries, size.cameras, floats=True)
     # Validation split: training identities with as many gallery images per identity as the test gallery.
     per_identity = size.gallery / size.identities
-    train_ids = generator.prototypes(
-        min(size.train_identities, round(args.validation_gallery / per_identity))
-    )
+    train_ids = generator.prototypes(min(size.train_identities, round(args.validation_gallery / per_identity)))
     validation_gallery = generator.split(train_ids, args.validation_gallery, size.cameras, floats=False)
     validation = generator.split(train_ids, args.validation, size.cameras, floats=False)
     row = {"size": size.name, "gallery": size.gallery, "queries": size.queries}
@@ -310,12 +300,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--sizes", nargs="+", choices=sorted(SIZES), default=["msmt17", "market1501", "dukemtmcreid"]
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["msmt17", "market1501", "dukemtmcreid"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--validation", type=int, default=2000, help="validation queries for fit_candidates")
     parser.add_argument("--validation-gallery", type=int, default=4000, help="validation gallery images")

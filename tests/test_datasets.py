@@ -136,9 +136,7 @@ def test_market1501_full_size_matches_published_statistics(full_market, as_datas
     assert dataset.num_cams == 6
     assert dataset.root == str(full_market / MARKET)
     assert_relabelled_in_order(dataset)
-    assert {camid for split in (dataset.train, dataset.query, dataset.gallery) for *_, camid in split} == set(
-        range(6)
-    )
+    assert {camid for split in (dataset.train, dataset.query, dataset.gallery) for *_, camid in split} == set(range(6))
     assert 0 in {pid for _, pid, _ in dataset.gallery}
     assert -1 not in {pid for _, pid, _ in dataset.gallery}
 
@@ -162,9 +160,7 @@ def test_msmt17_full_size_lists_match_published_statistics(tmp_path, version, as
     assert dataset.root == str(tmp_path / version)
     assert_relabelled_in_order(dataset)
     train_folder, test_folder = MSMT_IMAGE_FOLDERS[version]
-    assert dataset.train[0][0] == str(
-        tmp_path / version / train_folder / "0000/0000_000_01_0303morning_0000_0.jpg"
-    )
+    assert dataset.train[0][0] == str(tmp_path / version / train_folder / "0000/0000_000_01_0303morning_0000_0.jpg")
     assert dataset.query[-1][0].startswith(str(tmp_path / version / test_folder) + os.sep)
 
 
@@ -246,9 +242,7 @@ def test_msmt17_merges_val_into_train_and_reads_pids_and_cameras_from_lists(tmp_
 
 
 def test_relative_root_gives_absolute_paths(tmp_path, monkeypatch):
-    write_folder_layout(
-        tmp_path / "data" / MARKET, {s: [(1, 1)] for s in ("train", "query", "gallery")}, market_name
-    )
+    write_folder_layout(tmp_path / "data" / MARKET, {s: [(1, 1)] for s in ("train", "query", "gallery")}, market_name)
     monkeypatch.chdir(tmp_path)
     dataset = parse_market1501("data")
     assert dataset.root == str(tmp_path / "data" / MARKET)
@@ -317,14 +311,10 @@ def test_summary_is_a_table_of_the_statistics(tmp_path):
     ],
 )
 def test_missing_or_wrong_root_names_the_root_and_the_expected_layout(tmp_path, parse, expected):
-    with pytest.raises(
-        FileNotFoundError, match=f"no-such-folder.*does not exist.*; expected {re.escape(expected)}"
-    ):
+    with pytest.raises(FileNotFoundError, match=f"no-such-folder.*does not exist.*; expected {re.escape(expected)}"):
         parse(tmp_path / "no-such-folder")
     (tmp_path / "wrong" / "images").mkdir(parents=True)
-    with pytest.raises(
-        FileNotFoundError, match=f"wrong'? is not an? .* root: expected {re.escape(expected)}"
-    ):
+    with pytest.raises(FileNotFoundError, match=f"wrong'? is not an? .* root: expected {re.escape(expected)}"):
         parse(tmp_path / "wrong")
 
 
@@ -367,8 +357,7 @@ def test_split_without_usable_images_is_named(tmp_path):
 
 def minimal_msmt_lists() -> dict[str, list[str]]:
     return {
-        name: [msmt_line(1, 1, 0)]
-        for name in ("list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt")
+        name: [msmt_line(1, 1, 0)] for name in ("list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt")
     }
 
 
@@ -413,7 +402,5 @@ def test_build_dataset_rejects_unknown_names_and_stray_kwargs(tmp_path):
         ValueError, match="unknown dataset 'cuhk03'; valid names: market1501, dukemtmcreid, msmt17, synthetic"
     ):
         build_dataset("cuhk03", tmp_path)
-    with pytest.raises(
-        TypeError, match="'market1501' takes no keyword arguments; got unexpected num_cams, num_ids"
-    ):
+    with pytest.raises(TypeError, match="'market1501' takes no keyword arguments; got unexpected num_cams, num_ids"):
         build_dataset("market1501", tmp_path, num_ids=3, num_cams=2)

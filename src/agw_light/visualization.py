@@ -147,9 +147,13 @@ def draw_ranked_list(
         picture.paste(thumbnail, (left + FRAME, MARGIN + FRAME))
         text_left, text_top, text_right, text_bottom = draw.textbbox((0, 0), label, font=font)
         draw.text(
-            (left + (cell_width - text_right - text_left) / 2,
-             MARGIN + height + 2 * FRAME + (LABEL_HEIGHT - text_bottom - text_top) / 2),
-            label, fill=TEXT_COLOUR, font=font,
+            (
+                left + (cell_width - text_right - text_left) / 2,
+                MARGIN + height + 2 * FRAME + (LABEL_HEIGHT - text_bottom - text_top) / 2,
+            ),
+            label,
+            fill=TEXT_COLOUR,
+            font=font,
         )
 
     draw_cell(MARGIN, query_image, QUERY_COLOUR, "query")
@@ -193,14 +197,25 @@ def ranked_list_pictures(
     gallery_rows = torch.nonzero(~is_query).squeeze(1)
     features, pids, camids = samples["features"], samples["pids"], samples["camids"]
     indices, distances, matches = rank_queries(
-        features[query_rows], features[gallery_rows], pids[query_rows], camids[query_rows],
-        pids[gallery_rows], camids[gallery_rows], metric=metric, topk=topk,
+        features[query_rows],
+        features[gallery_rows],
+        pids[query_rows],
+        camids[query_rows],
+        pids[gallery_rows],
+        camids[gallery_rows],
+        metric=metric,
+        topk=topk,
     )
     index = samples["index"].tolist()
     gallery_paths = [image_paths[index[row]] for row in gallery_rows.tolist()]
     return [
-        draw_ranked_list(image_paths[index[query_row]], [gallery_paths[j] for j in ranked.tolist()],
-                         row_distances, row_matches, thumb_size=thumb_size)
+        draw_ranked_list(
+            image_paths[index[query_row]],
+            [gallery_paths[j] for j in ranked.tolist()],
+            row_distances,
+            row_matches,
+            thumb_size=thumb_size,
+        )
         for query_row, ranked, row_distances, row_matches in zip(
             query_rows.tolist(), indices.cpu(), distances.cpu(), matches.cpu(), strict=True
         )
@@ -222,8 +237,9 @@ def load_thumbnails(paths: Sequence[str], side: int = PROJECTOR_THUMB_SIDE) -> t
         scale = side / max(image.width, image.height)
         width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
         square = Image.new("RGB", (side, side), BACKGROUND)
-        square.paste(image.resize((width, height), Image.Resampling.BILINEAR),
-                     ((side - width) // 2, (side - height) // 2))
+        square.paste(
+            image.resize((width, height), Image.Resampling.BILINEAR), ((side - width) // 2, (side - height) // 2)
+        )
         squares[position] = np.asarray(square)
     return torch.from_numpy(squares).permute(0, 3, 1, 2).float().div_(255.0)
 

@@ -46,9 +46,7 @@ MSMT_LISTS = {
 }
 # One list line: '<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>'; group 2 is the camera, group 3 the pid.
 MSMT_LINE = re.compile(r"((?:\S*/)?\d+_\d+_(\d+)_[^\s/]*\.jpg)\s+(\d+)\s*")
-MSMT_LINE_TEXT = (
-    "'<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>' (e.g. '0000/0000_000_01_0303morning_0015_0.jpg 0')"
-)
+MSMT_LINE_TEXT = "'<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>' (e.g. '0000/0000_000_01_0303morning_0015_0.jpg 0')"
 MSMT_NUM_CAMS = 15
 
 
@@ -89,9 +87,7 @@ class ReIDDataset:
 
         def line(cells: tuple[str, ...]) -> str:
             first, *numbers = cells
-            return " | ".join(
-                [first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(numbers, widths[1:], strict=True)]
-            )
+            return " | ".join([first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(numbers, widths[1:], strict=True)])
 
         rule = "-+-".join("-" * width for width in widths)
         return "\n".join([f"Dataset {self.name} ({self.root})", line(header), rule, *map(line, rows)])
@@ -132,18 +128,14 @@ def _locate_folder_layout(root: str | Path, dataset: str, folder: str) -> Path:
     raise FileNotFoundError(f"{str(path)!r} is not a {dataset} root: {expected}")
 
 
-def _scan_split(
-    split_dir: str, pattern: re.Pattern[str], pattern_text: str, num_cams: int | None
-) -> list[Sample]:
+def _scan_split(split_dir: str, pattern: re.Pattern[str], pattern_text: str, num_cams: int | None) -> list[Sample]:
     """Every .jpg in the folder (other files, e.g. Windows' Thumbs.db, are not images and are skipped)."""
     names = sorted(entry.name for entry in os.scandir(split_dir) if entry.name.endswith(".jpg"))
     samples = []
     for name in names:
         match = pattern.fullmatch(name)
         if match is None:
-            raise ValueError(
-                f"cannot parse image name {os.path.join(split_dir, name)!r}: expected {pattern_text}"
-            )
+            raise ValueError(f"cannot parse image name {os.path.join(split_dir, name)!r}: expected {pattern_text}")
         camera = int(match[2])
         if camera < 1 or (num_cams is not None and camera > num_cams):
             limit = f"1..{num_cams}" if num_cams is not None else ">= 1"
@@ -210,23 +202,19 @@ def _locate_msmt17(root: str | Path) -> tuple[Path, str, str]:
     list_files = tuple(name for names in MSMT_LISTS.values() for name in names)
     layouts = [f"{version}/ with {train}/, {test}/" for version, (train, test) in MSMT_VERSIONS.items()]
     expected = (
-        f"expected {' or '.join(layouts)} and {', '.join(list_files)} inside it "
-        "(or that content directly in the root)"
+        f"expected {' or '.join(layouts)} and {', '.join(list_files)} inside it (or that content directly in the root)"
     )
     path = _check_root(root, "MSMT17", expected)
     versions = [version for version in MSMT_VERSIONS if (path / version).is_dir()]
     if len(versions) > 1:
         raise ValueError(
-            f"MSMT17 root {str(path)!r} holds both {' and '.join(versions)}; "
-            "pass the version folder to use as the root"
+            f"MSMT17 root {str(path)!r} holds both {' and '.join(versions)}; pass the version folder to use as the root"
         )
     if versions:
         version_dir = path / versions[0]
         missing = _missing(version_dir, MSMT_VERSIONS[versions[0]], list_files)
         if missing:
-            raise FileNotFoundError(
-                f"MSMT17 folder {str(version_dir)!r} lacks {', '.join(missing)}; {expected}"
-            )
+            raise FileNotFoundError(f"MSMT17 folder {str(version_dir)!r} lacks {', '.join(missing)}; {expected}")
         return (version_dir, *MSMT_VERSIONS[versions[0]])
     for image_folders in MSMT_VERSIONS.values():
         if not _missing(path, image_folders, list_files):
@@ -245,8 +233,7 @@ def _read_msmt_list(list_path: str, image_dir: str) -> list[Sample]:
             match = MSMT_LINE.fullmatch(line)
             if match is None:
                 raise ValueError(
-                    f"{list_path}, line {line_number}: cannot parse {line.strip()!r}; "
-                    f"expected {MSMT_LINE_TEXT}"
+                    f"{list_path}, line {line_number}: cannot parse {line.strip()!r}; expected {MSMT_LINE_TEXT}"
                 )
             camera = int(match[2])
             if not 1 <= camera <= MSMT_NUM_CAMS:
@@ -266,19 +253,14 @@ def parse_msmt17(root: str | Path) -> ReIDDataset:
     for split, list_names in MSMT_LISTS.items():
         image_dir = str(dataset_dir / (train_folder if split == "train" else test_folder))
         samples = [
-            sample
-            for list_name in list_names
-            for sample in _read_msmt_list(str(dataset_dir / list_name), image_dir)
+            sample for list_name in list_names for sample in _read_msmt_list(str(dataset_dir / list_name), image_dir)
         ]
         if not samples:
             raise ValueError(
-                f"MSMT17 split {split!r} has no images: {' and '.join(list_names)} "
-                f"in {str(dataset_dir)!r} list none"
+                f"MSMT17 split {split!r} has no images: {' and '.join(list_names)} in {str(dataset_dir)!r} list none"
             )
         splits[split] = samples
-    return ReIDDataset(
-        "msmt17", str(dataset_dir), _relabel(splits["train"]), splits["query"], splits["gallery"]
-    )
+    return ReIDDataset("msmt17", str(dataset_dir), _relabel(splits["train"]), splits["query"], splits["gallery"])
 
 
 PARSERS = {"market1501": parse_market1501, "dukemtmcreid": parse_dukemtmcreid, "msmt17": parse_msmt17}
@@ -302,7 +284,5 @@ def build_dataset(name: str, root: str | Path, **kwargs) -> ReIDDataset:
     if name not in PARSERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if kwargs:
-        raise TypeError(
-            f"dataset {name!r} takes no keyword arguments; got unexpected {', '.join(sorted(kwargs))}"
-        )
+        raise TypeError(f"dataset {name!r} takes no keyword arguments; got unexpected {', '.join(sorted(kwargs))}")
     return PARSERS[name](root)

@@ -63,8 +63,11 @@ class RankedListLogger(pl.Callback):
     """
 
     def __init__(self, num_queries: int = 8, topk: int = 10, embedding_size: int = 300) -> None:
-        for name, value, least in (("num_queries", num_queries, 0), ("topk", topk, 1),
-                                   ("embedding_size", embedding_size, 0)):
+        for name, value, least in (
+            ("num_queries", num_queries, 0),
+            ("topk", topk, 1),
+            ("embedding_size", embedding_size, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"visualize.{name}={value!r}: expected an integer >= {least}")
         self.num_queries = num_queries
@@ -109,8 +112,12 @@ class RankedListLogger(pl.Callback):
         positions = pick_positions(num_query, min(self.num_queries, num_query))
         # A partial validation (limit_val_batches) may leave fewer ranked images than topk: draw fewer.
         queries = torch.nonzero(is_query).squeeze(1)[positions]
-        junk = protocol_junk(samples["pids"][queries], samples["camids"][queries], samples["pids"][~is_query],
-                             samples["camids"][~is_query])
+        junk = protocol_junk(
+            samples["pids"][queries],
+            samples["camids"][queries],
+            samples["pids"][~is_query],
+            samples["camids"][~is_query],
+        )
         topk = min(self.topk, num_gallery - int(junk.sum(1).max()))
         if topk < 1:
             return

@@ -53,9 +53,7 @@ def prepare_features(features: Any, metric: str) -> torch.Tensor:
     return tensor
 
 
-def pairwise_distance(
-    query: Any, gallery: Any, metric: str = "cosine", *, prepared: bool = False
-) -> torch.Tensor:
+def pairwise_distance(query: Any, gallery: Any, metric: str = "cosine", *, prepared: bool = False) -> torch.Tensor:
     """(num_query, num_gallery) distances on the query's device (numpy or torch inputs).
 
     cosine: 1 - cosine similarity, in [0, 2]. euclidean: the L2 distance (not squared), via
@@ -67,8 +65,7 @@ def pairwise_distance(
     query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(
-            "query and gallery must have the same feature dimension, "
-            f"got {query.shape[1]} and {gallery.shape[1]}"
+            f"query and gallery must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}"
         )
     if not prepared:
         query, gallery = prepare_features(query, metric), prepare_features(gallery, metric)

@@ -73,9 +73,7 @@ class ReIDMetric(Metric):
         for name, value in columns.items():
             if not isinstance(value, torch.Tensor) or value.shape != (count,):
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(
-                    f"ReIDMetric.update: {name} must be a tensor of shape ({count},), got {shape}"
-                )
+                raise ValueError(f"ReIDMetric.update: {name} must be a tensor of shape ({count},), got {shape}")
         if index is not None and bool((index < 0).any()):
             raise ValueError("ReIDMetric.update: index must hold dataset indices >= 0")
         device = features.device

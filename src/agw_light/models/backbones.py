@@ -97,9 +97,7 @@ class ResNetBackbone(nn.Module):
         counts = spec.default_nonlocal_layers if nonlocal_layers is None else tuple(nonlocal_layers)
         self.nonlocal_layers = self._check_nonlocal_layers(counts)
         self.nonlocal_blocks = nn.ModuleDict()
-        for stage_name, count, channels in zip(
-            STAGE_NAMES, self.nonlocal_layers, spec.stage_channels, strict=True
-        ):
+        for stage_name, count, channels in zip(STAGE_NAMES, self.nonlocal_layers, spec.stage_channels, strict=True):
             depth = len(getattr(self, stage_name))
             if count:
                 self.nonlocal_blocks[stage_name] = nn.ModuleDict(
@@ -111,9 +109,7 @@ class ResNetBackbone(nn.Module):
 
     def _check_nonlocal_layers(self, counts: tuple[int, ...]) -> tuple[int, int, int, int]:
         depths = tuple(len(getattr(self, stage)) for stage in STAGE_NAMES)
-        if len(counts) != len(depths) or any(
-            not 0 <= int(c) <= d for c, d in zip(counts, depths, strict=True)
-        ):
+        if len(counts) != len(depths) or any(not 0 <= int(c) <= d for c, d in zip(counts, depths, strict=True)):
             raise ValueError(
                 f"nonlocal_layers must give 4 counts (layer1..layer4), each between 0 and the stage's "
                 f"block count {depths} for {self.name}; got {counts!r}"
@@ -199,21 +195,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 checkpoint = checkpoint[wrapper_key]
                 break
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(
-            f"{path}: expected a state_dict (mapping of names to tensors), got {type(checkpoint)}"
-        )
+        raise ValueError(f"{path}: expected a state_dict (mapping of names to tensors), got {type(checkpoint)}")
     not_tensors = [str(key) for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise ValueError(
-            f"{path}: expected a state_dict of tensors, but these entries are not tensors: "
-            f"{_key_list(not_tensors)}"
+            f"{path}: expected a state_dict of tensors, but these entries are not tensors: {_key_list(not_tensors)}"
         )
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 
-def load_backbone_state_dict(
-    backbone: ResNetBackbone, state_dict: Mapping[str, torch.Tensor], *, source: str
-) -> None:
+def load_backbone_state_dict(backbone: ResNetBackbone, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Strict load: every backbone weight must come from the checkpoint and every checkpoint weight must be
     used, except the keys named above (AGW's new modules and BN counters may be absent, ImageNet's ``fc``
     may be unused). The re-id head is not part of the backbone, so it is never loaded from here."""

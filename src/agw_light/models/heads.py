@@ -97,9 +97,7 @@ class CodePyramidHead(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(
-                f"{type(self).__name__} needs num_classes >= 1 (training identities), got {num_classes}"
-            )
+            raise ValueError(f"{type(self).__name__} needs num_classes >= 1 (training identities), got {num_classes}")
         lengths = tuple(int(length) for length in code_lengths)
         if not lengths or min(lengths) < 1 or any(a <= b for a, b in itertools.pairwise(lengths)):
             raise ValueError(
