@@ -44,7 +44,7 @@ def compose_config(synthetic_cache, tmp_path):
     """Composes conf/config.yaml (or another entry config) with tiny sizes and a temporary output folder."""
     from hydra import compose, initialize_config_dir
 
-    from agw_light.train import CONF_DIR
+    from agw_light.cli import CONF_DIR
 
     def _compose(*overrides: str, config_name: str = "config", output_dir: Path | None = None):
         base = [f"dataset.root={synthetic_cache}", *TINY_DATA]
@@ -60,16 +60,19 @@ def compose_config(synthetic_cache, tmp_path):
 def tiny_teacher(compose_config, tmp_path):
     """(path, datamodule): an untrained ResNet-18 'row 1' checkpoint for the tiny generated dataset and that
     dataset; distillation tests check the mechanics, not the teacher's accuracy."""
+    from agw_light.builders import build_datamodule
     from agw_light.lit.module import LitReID
-    from agw_light.train import build_datamodule
 
     cfg = compose_config("model.backbone=resnet18", "trainer.accelerator=cpu")
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     torch.manual_seed(1)
-    teacher = LitReID(model={"backbone": "resnet18", "pretrained": "none"},
-                      losses=[dict(term) for term in cfg.losses], num_classes=datamodule.num_classes)
+    teacher = LitReID(
+        model={"backbone": "resnet18", "pretrained": "none"},
+        losses=[dict(term) for term in cfg.losses],
+        num_classes=datamodule.num_classes,
+    )
     path = tmp_path / "teacher.ckpt"
     torch.save({"hyper_parameters": dict(teacher.hparams), "state_dict": teacher.state_dict()}, path)
     return path, datamodule

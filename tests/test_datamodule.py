@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -192,15 +193,15 @@ def test_dataset_properties_need_setup(tmp_path):
             getattr(module, name)
 
 
-def test_setup_parses_once_and_prints_the_summary_once(tmp_path, capsys):
+def test_setup_parses_once_and_logs_the_summary_once(tmp_path, caplog):
     module = make_datamodule(tmp_path)
     module.prepare_data()
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="agw_light")
     module.setup("fit")
     dataset = module.dataset
     module.setup("validate")
     assert module.dataset is dataset
-    assert capsys.readouterr().out.count(dataset.summary()) == 1
+    assert [record.getMessage() for record in caplog.records].count(dataset.summary()) == 1
 
 
 def constant_image(rgb: tuple[int, int, int], size: tuple[int, int] = (20, 10)) -> Image.Image:

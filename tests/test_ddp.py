@@ -11,15 +11,24 @@ import pytest
 import torch
 from conftest import TINY_DATA
 
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
 
 def test_two_process_ddp_validation_matches_single_process(tmp_path, synthetic_cache):
     run_dir = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "agw_light.train",
-        f"dataset.root={synthetic_cache}", *TINY_DATA,
+        sys.executable,
+        "-m",
+        "agw_light.train",
+        f"dataset.root={synthetic_cache}",
+        *TINY_DATA,
         "model.backbone=resnet18",
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-        "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2", "trainer.log_every_n_steps=1",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_epochs=2",
+        "trainer.check_val_every_n_epoch=2",
+        "trainer.log_every_n_steps=1",
         "+trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
     ]

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from agw_light.evaluation import load_reid_module
+from agw_light.builders import loss_entries
+from agw_light.cli.train import train
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import file_sha256, resolve_teacher_checkpoint
 from agw_light.losses import KLDivergenceKD, SimilarityKD
-from agw_light.train import train
 
 SMALL = ["model.backbone=resnet18", "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"]
 CE_WRT = [
@@ -55,13 +55,24 @@ def test_distillation_keeps_the_teacher_frozen_and_the_student_self_contained(ti
 
     teacher_path, datamodule = tiny_teacher
     cfg = compose_config(*SMALL, "light=model", f"light.teacher_ckpt={teacher_path}", "light.kd_similarity_weight=1.0")
-    student = LitReID(model=dict(cfg.model), losses=[dict(term) for term in cfg.losses],
-                      num_classes=datamodule.num_classes, teacher_ckpt=str(teacher_path))
+    student = LitReID(
+        model=dict(cfg.model),
+        losses=loss_entries(cfg),
+        num_classes=datamodule.num_classes,
+        teacher_ckpt=str(teacher_path),
+    )
     before = {name: value.clone() for name, value in student.teacher.state_dict().items()}
     assert any("running_mean" in name for name in before)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         use_distributed_sampler=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+    )
     trainer.fit(student, datamodule=datamodule)
 
     assert trainer.global_step == 2
@@ -73,14 +84,21 @@ def test_distillation_keeps_the_teacher_frozen_and_the_student_self_contained(ti
     assert all(p.requires_grad is False for p in student.teacher.parameters())
 
 
+@pytest.mark.slow
 def test_tiny_distillation_run_and_test_without_the_teacher(tiny_teacher, compose_config, tmp_path):
     teacher_path, _ = tiny_teacher
-    cfg = compose_config(*SMALL, "light=model", f"light.teacher_ckpt={teacher_path}",
-                         "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1")
+    cfg = compose_config(
+        *SMALL,
+        "light=model",
+        f"light.teacher_ckpt={teacher_path}",
+        "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.log_every_n_steps=1",
+    )
     row = train(cfg)
     assert row["feature_dim"] == 512 and row["metric"] == "cosine"
     teacher_path.unlink()  # the student checkpoint must not need its teacher any more
-    student = load_reid_module(tmp_path / "run/checkpoints/last.ckpt")
+    student = LitReID.from_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert student.teacher is None
     assert student(torch.zeros(1, 3, 64, 32)).shape == (1, 512)
 

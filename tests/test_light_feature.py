@@ -9,13 +9,12 @@ import torch
 import torch.nn.functional as F
 from conftest import ONE_EPOCH
 
-from agw_light.evaluation import load_reid_module
+from agw_light.cli.train import train
 from agw_light.lit.module import LitReID
 from agw_light.losses import build_loss_stack
 from agw_light.losses.self_distill import ProbSelfDistill, SIMSelfDistill
 from agw_light.models import build_model
 from agw_light.models.heads import CodePyramidHead, HashHead
-from agw_light.train import train
 
 PYRAMID = (2048, 1024, 512, 256, 128, 64, 32)
 IMAGES = (4, 3, 64, 32)
@@ -119,15 +118,22 @@ def test_shorter_levels_learn_from_the_detached_longer_code():
     head = model.head
     out = model(images())
     pids = torch.tensor([0, 1, 2, 3])
-    short_loss = (F.cross_entropy(out["logits_512"], pids) + out["codes_512"].pow(2).sum()
-                  + out["features_512"].pow(2).sum())
-    longer = [*model.backbone.parameters(), *head.input_projection.parameters(), head.projections[0].weight,
-              head.bottlenecks[0].weight, head.bottlenecks[1].weight, head.classifiers[0].weight]
+    short_loss = (
+        F.cross_entropy(out["logits_512"], pids) + out["codes_512"].pow(2).sum() + out["features_512"].pow(2).sum()
+    )
+    longer = [
+        *model.backbone.parameters(),
+        *head.input_projection.parameters(),
+        head.projections[0].weight,
+        head.bottlenecks[0].weight,
+        head.bottlenecks[1].weight,
+        head.classifiers[0].weight,
+    ]
     longer = [p for p in longer if p.requires_grad]  # BNNeck biases are frozen
     own = [head.projections[1].weight, head.bottlenecks[2].weight, head.classifiers[2].weight]
     grads = torch.autograd.grad(short_loss, longer + own, allow_unused=True, retain_graph=True)
     assert all(g is None for g in grads[: len(longer)])
-    assert all(g is not None and g.abs().sum() > 0 for g in grads[len(longer):])
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[len(longer) :])
     # ...while the full-length level's loss trains the backbone.
     full_loss = F.cross_entropy(out["logits_2048"], pids)
     grad = torch.autograd.grad(full_loss, model.backbone.conv1.weight)[0]
@@ -182,16 +188,13 @@ def test_loss_stack_reads_a_target_from_the_outputs_detached():
     stack = build_loss_stack(
         [
             {"name": "prob", "type": "prob_self_distill", "output": "logits_8", "target": "logits_16"},
-            {"name": "sim", "type": "sim_self_distill", "weight": 1000.0, "output": "codes_8",
-             "target": "codes_16"},
+            {"name": "sim", "type": "sim_self_distill", "weight": 1000.0, "output": "codes_8", "target": "codes_16"},
         ],
         num_classes=5,
     )
     generator = torch.Generator().manual_seed(0)
     shapes = {"logits_8": (4, 5), "logits_16": (4, 5), "codes_8": (4, 8), "codes_16": (4, 16)}
-    outputs = {
-        name: torch.randn(*shape, generator=generator, requires_grad=True) for name, shape in shapes.items()
-    }
+    outputs = {name: torch.randn(*shape, generator=generator, requires_grad=True) for name, shape in shapes.items()}
     total, terms = stack(outputs, {"pids": torch.arange(4)})
     prob = ProbSelfDistill()(outputs["logits_8"], outputs["logits_16"])
     sim = SIMSelfDistill()(outputs["codes_8"], outputs["codes_16"])
@@ -207,11 +210,21 @@ def test_loss_stack_reads_a_target_from_the_outputs_detached():
 
 
 def test_pyramid_validation_ranks_by_the_full_length_code():
-    module = LitReID(model={"backbone": "resnet18", "neck": "pyramid"}, losses=[
-        {"name": "ce", "type": "cross_entropy", "output": "logits"},
-    ], num_classes=4, distance="hamming").eval()
-    batch = {"image": images(), "pid": torch.tensor([0, 0, 1, 1]), "camid": torch.tensor([0, 1, 0, 1]),
-             "is_query": torch.tensor([True, False, True, False]), "index": torch.arange(4)}
+    module = LitReID(
+        model={"backbone": "resnet18", "neck": "pyramid"},
+        losses=[
+            {"name": "ce", "type": "cross_entropy", "output": "logits"},
+        ],
+        num_classes=4,
+        distance="hamming",
+    ).eval()
+    batch = {
+        "image": images(),
+        "pid": torch.tensor([0, 0, 1, 1]),
+        "camid": torch.tensor([0, 1, 0, 1]),
+        "is_query": torch.tensor([True, False, True, False]),
+        "index": torch.arange(4),
+    }
     with torch.no_grad():
         module.validation_step(batch, 0)
         full = module(batch["image"])
@@ -220,18 +233,16 @@ def test_pyramid_validation_ranks_by_the_full_length_code():
 
 
 def _kd_entries(cfg) -> list[dict]:
-    return [dict(term) for term in cfg.losses if term.name.startswith("kd")]
+    return [dict(term) for term in [*cfg.losses, *cfg.distill_losses] if term.name.startswith("kd")]
 
 
 def test_row_configs_compose_into_modules(compose_config):
     feat = compose_config("light=feat")
-    assert (feat.model.neck, list(feat.model.code_lengths), feat.eval.distance) == ("hash", [2048], "hamming")
-    assert (feat.light.search, feat.light.light_feature, feat.light.light_search) == ("flat", True, False)
+    assert (feat.model.neck, list(feat.model.code_lengths), feat.eval.distance) == ("hash", [2048], None)
     assert feat.model.backbone == "resnet34"  # the generated set's specialisation, as for row 1
 
     search = compose_config("light=search")
     assert search.model.neck == "pyramid" and list(search.model.code_lengths) == list(PYRAMID)
-    assert (search.light.search, search.light.light_search, search.eval.distance) == ("c2f", True, "hamming")
     by_type: dict[str, list] = {}
     for term in search.losses:
         by_type.setdefault(term.type, []).append(term)
@@ -247,15 +258,16 @@ def test_row_configs_compose_into_modules(compose_config):
     everything = compose_config("light=all", "light.teacher_ckpt=/some/row1.ckpt")
     model = compose_config("light=model", "light.teacher_ckpt=/some/row1.ckpt")
     assert everything.model.backbone == "resnet18" and everything.model.neck == "pyramid"
-    assert everything.light.search == "c2f" and everything.eval.distance == "hamming"
-    assert _kd_entries(everything) == _kd_entries(model)
+    assert _kd_entries(everything) == _kd_entries(model) != []
     pyramid_terms = [dict(t) for t in everything.losses if not t.name.startswith("kd")]
     assert pyramid_terms == [dict(t) for t in search.losses]
 
     for cfg in (feat, search):
-        module = LitReID(model=dict(cfg.model), losses=[dict(term) for term in cfg.losses], num_classes=8,
-                         distance=cfg.eval.distance)
+        module = LitReID(
+            model=dict(cfg.model), losses=[dict(term) for term in cfg.losses], num_classes=8, distance=cfg.eval.distance
+        )
         assert module.model.head.code_lengths == tuple(cfg.model.code_lengths)
+        assert module.model.distance == module.val_metric.distance == "hamming"  # the model's own
 
 
 def _logged_losses(log_dir) -> dict[str, list[float]]:
@@ -267,6 +279,7 @@ def _logged_losses(log_dir) -> dict[str, list[float]]:
     return {tag.removeprefix("train/loss_"): [event.value for event in accumulator.Scalars(tag)] for tag in tags}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("row", "dim"), [("feat", 2048), ("search", 4064)])
 def test_tiny_training_run(row, dim, compose_config, tmp_path):
     cfg = compose_config(*ONE_EPOCH, f"light={row}")
@@ -278,16 +291,17 @@ def test_tiny_training_run(row, dim, compose_config, tmp_path):
     logged = _logged_losses(tmp_path / "run/tensorboard")
     assert set(logged) == {term.name for term in cfg.losses}  # every level's and every distillation term
     assert all(math.isfinite(value) for values in logged.values() for value in values)
-    module = load_reid_module(tmp_path / "run/checkpoints/last.ckpt")
+    module = LitReID.from_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert module(torch.zeros(1, 3, 64, 32)).shape == (1, dim)
     assert module.hparams.model["neck"] == ("hash" if row == "feat" else "pyramid")
 
 
+@pytest.mark.slow
 def test_tiny_light_all_run_distils_into_a_pyramid_student(tiny_teacher, compose_config, tmp_path):
     teacher_path, _ = tiny_teacher
     result = train(compose_config(*ONE_EPOCH, "light=all", f"light.teacher_ckpt={teacher_path}"))
     assert result["metric"] == "hamming" and 0.0 <= result["mAP"] <= 1.0
     teacher_path.unlink()  # the student checkpoint stands alone
-    student = load_reid_module(tmp_path / "run/checkpoints/last.ckpt")
+    student = LitReID.from_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert student.teacher is None and student.model.head.code_lengths == PYRAMID
     assert student(torch.zeros(1, 3, 64, 32)).shape == (1, 4064)

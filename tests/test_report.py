@@ -11,55 +11,158 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from agw_light.cli.report import main
 from agw_light.files import write_atomic
-from agw_light.report import collect_runs, format_ms, main, read_scalar_curves
+from agw_light.reporting import collect_runs, format_ms, read_scalar_curves
 
 PYRAMID = "2048-1024-512-256-128-64-32"
 # light name -> (row, res18, light feature, light search, backbone, metrics of the row)
 ROWS = {
-    "full": (1, False, False, False, "resnet50",
-             {"feature_dim": 2048, "metric": "cosine", "R1": 0.9451, "mAP": 0.8652, "mINP": 0.6012,
-              "inference_ms_per_batch64": 5248.13, "search_ms_per_query": 2.5, "device": "cpu (2 threads)"}),
-    "model": (2, True, False, False, "resnet18",
-              {"feature_dim": 512, "metric": "cosine", "R1": 0.9312, "mAP": 0.8361, "mINP": 0.5523,
-               "inference_ms_per_batch64": 1210.55, "search_ms_per_query": 0.9, "device": "cpu (2 threads)"}),
-    "feat": (3, False, True, False, "resnet50",
-             {"feature_dim": 2048, "metric": "hamming", "R1": 0.9421, "mAP": 0.8594, "mINP": 0.5901,
-              "inference_ms_per_batch64": 5261.0, "search_ms_per_query": 0.3, "device": "cpu (2 threads)"}),
-    "search": (4, False, True, True, "resnet50",
-               {"feature_dim": PYRAMID, "metric": "hamming", "R1": 0.9419, "mAP": 0.8523, "mINP": 0.5702,
-                "inference_ms_per_batch64": 5270.4, "search_ms_per_query": 0.077, "device": "cpu (2 threads)",
-                "candidates": [2000, 500, 100, 50, 20, 10], "recall_at_1_of_exact": 0.995}),
-    "all": (5, True, True, True, "resnet18",
-            {"feature_dim": PYRAMID, "metric": "hamming", "R1": 0.9223, "mAP": 0.8094, "mINP": 0.5211,
-             "inference_ms_per_batch64": 1220.0, "search_ms_per_query": 0.071, "device": "cpu (2 threads)",
-             "candidates": [2000, 500, 100, 50, 20, 10], "recall_at_1_of_exact": 0.99}),
+    "full": (
+        1,
+        False,
+        False,
+        False,
+        "resnet50",
+        {
+            "feature_dim": 2048,
+            "metric": "cosine",
+            "R1": 0.9451,
+            "mAP": 0.8652,
+            "mINP": 0.6012,
+            "inference_ms_per_batch64": 5248.13,
+            "search_ms_per_query": 2.5,
+            "device": "cpu (2 threads)",
+        },
+    ),
+    "model": (
+        2,
+        True,
+        False,
+        False,
+        "resnet18",
+        {
+            "feature_dim": 512,
+            "metric": "cosine",
+            "R1": 0.9312,
+            "mAP": 0.8361,
+            "mINP": 0.5523,
+            "inference_ms_per_batch64": 1210.55,
+            "search_ms_per_query": 0.9,
+            "device": "cpu (2 threads)",
+        },
+    ),
+    "feat": (
+        3,
+        False,
+        True,
+        False,
+        "resnet50",
+        {
+            "feature_dim": 2048,
+            "metric": "hamming",
+            "R1": 0.9421,
+            "mAP": 0.8594,
+            "mINP": 0.5901,
+            "inference_ms_per_batch64": 5261.0,
+            "search_ms_per_query": 0.3,
+            "device": "cpu (2 threads)",
+        },
+    ),
+    "search": (
+        4,
+        False,
+        True,
+        True,
+        "resnet50",
+        {
+            "feature_dim": PYRAMID,
+            "metric": "hamming",
+            "R1": 0.9419,
+            "mAP": 0.8523,
+            "mINP": 0.5702,
+            "inference_ms_per_batch64": 5270.4,
+            "search_ms_per_query": 0.077,
+            "device": "cpu (2 threads)",
+            "candidates": [2000, 500, 100, 50, 20, 10],
+            "recall_at_1_of_exact": 0.995,
+        },
+    ),
+    "all": (
+        5,
+        True,
+        True,
+        True,
+        "resnet18",
+        {
+            "feature_dim": PYRAMID,
+            "metric": "hamming",
+            "R1": 0.9223,
+            "mAP": 0.8094,
+            "mINP": 0.5211,
+            "inference_ms_per_batch64": 1220.0,
+            "search_ms_per_query": 0.071,
+            "device": "cpu (2 threads)",
+            "candidates": [2000, 500, 100, 50, 20, 10],
+            "recall_at_1_of_exact": 0.99,
+        },
+    ),
 }
+
+
+def network_fields(light: str) -> dict:
+    """What metrics.json records of the network and index that produced a row (the table place comes from it)."""
+    _, res18, light_feature, light_search, backbone, _ = ROWS[light]
+    neck = "pyramid" if light_search else "hash" if light_feature else "bnneck"
+    index = "coarse_to_fine" if light_search else "hamming" if light_feature else "float"
+    return {
+        "backbone": backbone,
+        "neck": neck,
+        "distilled": res18,
+        "index": index,
+        "checkpoint_sha256": "ab" * 32,
+        "R5": 0.97,
+        "R10": 0.98,
+        "num_query": 3368,
+        "num_gallery": 15913,
+        "num_valid_queries": 3368,
+    }
+
+
 LOSSES = [(0, 9.0), (1, 7.5), (2, 6.0), (3, 5.5)]
 VAL_MAP = [(1, 0.2), (3, 0.4)]
 
 
 def make_run(
-    root, light: str, *, dataset: str = "market1501", metrics: dict | None = None, finished: bool = True,
+    root,
+    light: str,
+    *,
+    dataset: str = "market1501",
+    metrics: dict | None = None,
+    finished: bool = True,
     curves: bool = True,
 ):
     """A run folder as `python -m agw_light.train -m` leaves it (config with an unresolvable Hydra key)."""
-    row, res18, light_feature, light_search, backbone, default_metrics = ROWS[light]
+    row, *_, default_metrics = ROWS[light]
     run_dir = root / dataset / light
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(
-        OmegaConf.create({
-            "light": {"name": light, "row": row, "res18": res18, "light_feature": light_feature,
-                      "light_search": light_search},
-            "dataset": {"name": dataset},
-            "model": {"backbone": backbone},
-            "output_dir": "${hydra:runtime.output_dir}",
-        }),
+        OmegaConf.create(
+            {
+                "light": {"name": light},
+                "dataset": {"name": dataset},
+                "output_dir": "${hydra:runtime.output_dir}",
+            }
+        ),
         run_dir / ".hydra" / "config.yaml",
     )
     if finished:
-        payload = {"checkpoint": str(run_dir / "checkpoints" / "best.ckpt"), "dataset": dataset,
-                   "backbone": backbone, **(metrics or default_metrics)}
+        payload = {
+            "checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
+            "dataset": dataset,
+            **network_fields(light),
+            **(metrics or default_metrics),
+        }
         (run_dir / "metrics.json").write_text(json.dumps(payload))
     if curves:
         from torch.utils.tensorboard import SummaryWriter
@@ -99,7 +202,7 @@ def test_report_tables_every_row_in_row_order(sweep, capsys):
     assert main([str(sweep)]) == 0
 
     table = _read_csv(sweep / "results.csv")
-    # Folder names sort all, feat, full, model, search: the table must follow light.row instead.
+    # Folder names sort all, feat, full, model, search: the table must follow the rows instead.
     assert [entry["light"] for entry in table] == ["full", "model", "feat", "search", "all"]
     for entry, (light, (row, res18, light_feature, light_search, backbone, metrics)) in zip(
         table, ROWS.items(), strict=True
@@ -139,8 +242,8 @@ def test_report_tables_every_row_in_row_order(sweep, capsys):
     printed = capsys.readouterr()
     assert printed.err == ""
     assert {line.removeprefix("wrote ") for line in printed.out.splitlines()} == {
-        str(sweep / name) for name in ("results.md", "results.csv", "accuracy_vs_search_time.png",
-                                       "training_curves_market1501.png")
+        str(sweep / name)
+        for name in ("results.md", "results.csv", "accuracy_vs_search_time.png", "training_curves_market1501.png")
     }
 
 
@@ -174,8 +277,7 @@ def test_damaged_files_fail_their_row_and_name_the_file(tmp_path):
     incomplete = make_run(root, "feat", metrics={**ROWS["feat"][5], "mAP": None}, curves=False)
     bad_config = make_run(root, "search", curves=False)
     (bad_config / ".hydra" / "config.yaml").write_text("light: {name: search\n")
-    not_a_row = make_run(root, "all", curves=False)
-    OmegaConf.save(OmegaConf.create({"light": {"name": "all", "row": True}}), not_a_row / ".hydra" / "config.yaml")
+    not_a_flag = make_run(root, "all", metrics={**ROWS["all"][5], "distilled": "yes"}, curves=False)
 
     rows, failures = collect_runs(root)
 
@@ -184,7 +286,25 @@ def test_damaged_files_fail_their_row_and_name_the_file(tmp_path):
     assert str(truncated / "metrics.json") in reasons[truncated] and "truncated" in reasons[truncated]
     assert f"{incomplete / 'metrics.json'}: key mAP is None" in reasons[incomplete]
     assert str(bad_config / ".hydra" / "config.yaml") in reasons[bad_config]
-    assert "key light.row is True, expected int" in reasons[not_a_row]
+    assert "key distilled is 'yes', expected bool" in reasons[not_a_flag]
+
+
+def test_the_table_place_comes_from_the_recorded_network_not_the_config_label(tmp_path):
+    """A run labelled light=full whose metrics.json records a distilled pyramid with coarse-to-fine search is
+    row 5, and a combination the seed table lacks gets no row number."""
+    relabelled = make_run(tmp_path, "full", metrics=ROWS["full"][5], curves=False)
+    recorded = json.loads((relabelled / "metrics.json").read_text())
+    (relabelled / "metrics.json").write_text(json.dumps({**recorded, **network_fields("all")}))
+    custom = make_run(tmp_path, "model", dataset="dukemtmcreid", curves=False)
+    recorded = json.loads((custom / "metrics.json").read_text())
+    (custom / "metrics.json").write_text(json.dumps({**recorded, "neck": "hash", "index": "hamming"}))
+
+    rows, failures = collect_runs(tmp_path)
+
+    assert failures == []
+    placed = {run.run_dir: (run.row, run.model_res18, run.light_feature, run.light_search) for run in rows}
+    assert placed[relabelled] == (5, True, True, True)
+    assert placed[custom] == (None, True, True, False)
 
 
 def test_error_newer_than_metrics_marks_the_row_failed(tmp_path):
@@ -228,14 +348,15 @@ def test_rows_of_several_datasets_get_one_table_each(tmp_path):
     root = tmp_path / "multirun"
     make_run(root, "model", dataset="market1501", curves=False)
     make_run(root, "full", dataset="market1501", curves=False)
-    make_run(root, "full", dataset="dukemtmcreid",
-             metrics={**ROWS["full"][5], "device": "NVIDIA H100 80GB HBM3"})
+    make_run(root, "full", dataset="dukemtmcreid", metrics={**ROWS["full"][5], "device": "NVIDIA H100 80GB HBM3"})
 
     assert main([str(root)]) == 0
 
     table = _read_csv(root / "results.csv")
     assert [(entry["dataset"], entry["light"]) for entry in table] == [
-        ("dukemtmcreid", "full"), ("market1501", "full"), ("market1501", "model"),
+        ("dukemtmcreid", "full"),
+        ("market1501", "full"),
+        ("market1501", "model"),
     ]
     markdown = (root / "results.md").read_text()
     duke, market = markdown.split("## dukemtmcreid")[1].split("## market1501")

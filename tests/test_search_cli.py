@@ -8,18 +8,19 @@ import re
 import pytest
 import torch
 
+from agw_light.cli.search import main, parse_arguments
 from agw_light.data.synthetic import generate_synthetic
 from agw_light.lit.module import LitReID
-from agw_light.search.__main__ import main, parse_arguments
-from agw_light.search.index import load_index
+from agw_light.search import load_index
 
 LOSSES = [{"name": "ce", "type": "cross_entropy", "output": "logits"}]
 
 
 @pytest.fixture(scope="module")
 def gallery_folder(tmp_path_factory):
-    root = generate_synthetic(tmp_path_factory.mktemp("cli"), num_ids=6, num_cams=2, images_per_id_cam=2,
-                              height=32, width=16, seed=3)
+    root = generate_synthetic(
+        tmp_path_factory.mktemp("cli"), num_ids=6, num_cams=2, images_per_id_cam=2, height=32, width=16, seed=3
+    )
     return root / "Market-1501-v15.09.15" / "bounding_box_test"
 
 

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ONE_EPOCH, TINY_DATA
 
 ROWS = ("full", "model", "feat", "search", "all")
 REDUCED = [*ONE_EPOCH, "eval.fit_images=64", "eval.timing_batch_size=8"]
+
+pytestmark = pytest.mark.slow
 
 
 def run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -22,8 +25,14 @@ def run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_five_row_sweep_and_report(synthetic_cache, tmp_path):
     sweep = tmp_path / "multirun"
     trained = run_module(
-        "agw_light.train", "-m", f"light={','.join(ROWS)}", f"hydra.sweep.dir={sweep}",
-        f"dataset.root={synthetic_cache}", *TINY_DATA, *REDUCED, cwd=tmp_path,
+        "agw_light.train",
+        "-m",
+        f"light={','.join(ROWS)}",
+        f"hydra.sweep.dir={sweep}",
+        f"dataset.root={synthetic_cache}",
+        *TINY_DATA,
+        *REDUCED,
+        cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     for row in ROWS:  # one run folder per row under <sweep>/<dataset>/<row>
@@ -64,8 +73,14 @@ def test_failed_row_leaves_its_reason_in_the_run_folder(synthetic_cache, tmp_pat
     """A student row swept without row 1 fails, says where it looked for the teacher, and records why."""
     sweep = tmp_path / "multirun"
     result = run_module(
-        "agw_light.train", "-m", "light=model", f"hydra.sweep.dir={sweep}", f"dataset.root={synthetic_cache}",
-        *TINY_DATA, *REDUCED, cwd=tmp_path,
+        "agw_light.train",
+        "-m",
+        "light=model",
+        f"hydra.sweep.dir={sweep}",
+        f"dataset.root={synthetic_cache}",
+        *TINY_DATA,
+        *REDUCED,
+        cwd=tmp_path,
     )
     assert result.returncode != 0
     error = (sweep / "synthetic" / "model" / "error.txt").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -60,9 +61,7 @@ def test_splits_follow_market(tiny):
     # gallery, plus max(1, round(5% of 16)) = 1 distractor and max(1, round(2% of 16)) = 1 junk image.
     assert [len(found[split]) for split in SPLITS] == [24, 8, 18]
     assert {pid for _, pid, _ in found["bounding_box_train"]} == {1, 2, 3, 4}
-    assert sorted((pid, cam) for _, pid, cam in found["query"]) == [
-        (p, c) for p in range(5, 9) for c in (1, 2)
-    ]
+    assert sorted((pid, cam) for _, pid, cam in found["query"]) == [(p, c) for p in range(5, 9) for c in (1, 2)]
     gallery_pids = [pid for _, pid, _ in found["bounding_box_test"]]
     assert sorted(gallery_pids) == [-1, 0] + sorted([5, 6, 7, 8] * 4)
     gallery = {(pid, cam) for _, pid, cam in found["bounding_box_test"]}
@@ -71,9 +70,7 @@ def test_splits_follow_market(tiny):
 
 
 def test_odd_identity_count_gives_the_extra_identity_to_training(tmp_path):
-    found = images(
-        generate_synthetic(tmp_path, num_ids=9, num_cams=3, images_per_id_cam=4, height=16, width=16)
-    )
+    found = images(generate_synthetic(tmp_path, num_ids=9, num_cams=3, images_per_id_cam=4, height=16, width=16))
     # ceil(9 / 2) = 5 training ids x 3 cameras x 4 images; 4 test ids: 12 queries, 36 gallery images,
     # round(5% of 36) = 2 distractors and max(1, round(2% of 36)) = 1 junk image.
     assert [len(found[split]) for split in SPLITS] == [60, 12, 39]
@@ -96,13 +93,15 @@ def test_other_seed_or_size_gives_other_images_in_another_folder(tiny, tmp_path)
     assert generate_synthetic(tmp_path, **{**TINY, "width": 24}).name not in {tiny.name, other.name}
 
 
-def test_second_call_reuses_the_tree_silently(tmp_path, capsys):
+def test_second_call_reuses_the_tree_silently(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="agw_light")
     first = generate_synthetic(tmp_path, **TINY)
-    printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 1 and str(first) in printed[0] and re.search(r"\b50 synthetic images", printed[0])
+    logged = [record.getMessage() for record in caplog.records]
+    assert len(logged) == 1 and str(first) in logged[0] and re.search(r"\b50 synthetic images", logged[0])
     stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
+    caplog.clear()
     assert generate_synthetic(str(tmp_path), **TINY) == first
-    assert capsys.readouterr().out == ""
+    assert caplog.records == []
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == stamps
 
 

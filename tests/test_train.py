@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
-from agw_light.evaluation import evaluate_features, extract_features, load_reid_module
+from agw_light.builders import build_datamodule
+from agw_light.cli.train import train
+from agw_light.evaluation import evaluate_checkpoint, evaluate_features, extract_features
 from agw_light.lit.module import LitReID, warmup_multistep_factor
-from agw_light.test import evaluate_checkpoint
-from agw_light.train import build_datamodule, train
 
 # ResNet-18 keeps the suite fast on 2 cores; the row's losses, head and evaluation are the same as ResNet-50's.
 SMALL = [
@@ -32,15 +33,26 @@ def test_schedule_matches_agw_definition():
     assert warmup_multistep_factor(90, **kwargs) == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_raises_map(compose_config, tmp_path):
-    cfg = compose_config(*SMALL, "trainer.max_epochs=30", "trainer.check_val_every_n_epoch=30",
-                         "optim.warmup_epochs=1", "optim.milestones=[100]", "optim.lr=1e-3")
+    cfg = compose_config(
+        *SMALL,
+        "trainer.max_epochs=30",
+        "trainer.check_val_every_n_epoch=30",
+        "optim.warmup_epochs=1",
+        "optim.milestones=[100]",
+        "optim.lr=1e-3",
+    )
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     torch.manual_seed(0)
-    untrained = LitReID(model=dict(cfg.model), losses=[dict(t) for t in cfg.losses],
-                        num_classes=datamodule.num_classes, distance="cosine")
+    untrained = LitReID(
+        model=dict(cfg.model),
+        losses=[dict(t) for t in cfg.losses],
+        num_classes=datamodule.num_classes,
+        distance="cosine",
+    )
     before = extract_features(untrained, datamodule.query_gallery_dataloader(), torch.device("cpu"))
     map_before = evaluate_features(before["features"], before["pids"], before["camids"], before["is_query"])["mAP"]
 
@@ -59,15 +71,25 @@ def test_training_lowers_loss_and_raises_map(compose_config, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(compose_config, tmp_path):
-    common = [*SMALL, "trainer.check_val_every_n_epoch=2", "optim.warmup_epochs=1", "optim.milestones=[1]",
-              "trainer.deterministic=true"]
+    common = [
+        *SMALL,
+        "trainer.check_val_every_n_epoch=2",
+        "optim.warmup_epochs=1",
+        "optim.milestones=[1]",
+        "trainer.deterministic=true",
+    ]
     straight = compose_config(*common, "trainer.max_epochs=2", output_dir=tmp_path / "straight")
     train(straight)
     first = compose_config(*common, "trainer.max_epochs=1", output_dir=tmp_path / "first")
     train(first)
-    resumed = compose_config(*common, "trainer.max_epochs=2", f"resume={tmp_path / 'first/checkpoints/last.ckpt'}",
-                             output_dir=tmp_path / "resumed")
+    resumed = compose_config(
+        *common,
+        "trainer.max_epochs=2",
+        f"resume={tmp_path / 'first/checkpoints/last.ckpt'}",
+        output_dir=tmp_path / "resumed",
+    )
     train(resumed)
 
     a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=False)
@@ -81,18 +103,18 @@ def test_resume_continues_exactly(compose_config, tmp_path):
         torch.testing.assert_close(state_b[key]["exp_avg"], state_a[key]["exp_avg"])
 
 
+@pytest.mark.slow
 def test_checkpoint_alone_rebuilds_the_model_and_test_reproduces_the_row(compose_config, tmp_path):
     cfg = compose_config(*SMALL, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1")
     trained_row = train(cfg)
     checkpoint = tmp_path / "run/checkpoints/last.ckpt"
-    module = load_reid_module(checkpoint)
+    module = LitReID.from_checkpoint(checkpoint)
     assert not module.training
     assert module.hparams.model["backbone"] == "resnet18"
     assert module(torch.zeros(2, 3, 64, 32)).shape == (2, 512)
 
-    test_cfg = compose_config(f"ckpt={checkpoint}", f"out={tmp_path / 'test.json'}", "device=cpu",
-                              config_name="test")
-    row = evaluate_checkpoint(test_cfg.ckpt, test_cfg, out_path=test_cfg.out)
+    test_cfg = compose_config(f"ckpt={checkpoint}", config_name="evaluate")
+    row = evaluate_checkpoint(test_cfg.ckpt, build_datamodule(test_cfg), device="cpu", out_path=tmp_path / "test.json")
     assert json.loads((tmp_path / "test.json").read_text()) == pytest.approx(row)
     for key in ("R1", "R5", "R10", "mAP", "mINP", "feature_dim", "num_valid_queries"):
         assert row[key] == pytest.approx(trained_row[key]), key
@@ -100,15 +122,34 @@ def test_checkpoint_alone_rebuilds_the_model_and_test_reproduces_the_row(compose
 
 def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        load_reid_module(tmp_path / "missing.ckpt")
+        LitReID.from_checkpoint(tmp_path / "missing.ckpt")
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.ckpt"):
-        load_reid_module(broken)
+        LitReID.from_checkpoint(broken)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": 1}, foreign)
     with pytest.raises(ValueError, match="foreign.ckpt.*hyper_parameters"):
-        load_reid_module(foreign)
+        LitReID.from_checkpoint(foreign)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_holding_code_is_refused_and_the_code_never_runs(tmp_path):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+    with pytest.raises(ValueError, match="crafted.ckpt"):
+        LitReID.from_checkpoint(crafted)
+    assert not marker.exists()
 
 
 def test_resume_from_missing_file_is_a_clear_error(compose_config, tmp_path):

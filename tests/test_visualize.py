@@ -86,8 +86,9 @@ def test_pick_positions():
 
 def test_draw_ranked_list_frames_and_size():
     grey = Image.new("RGB", (10, 20), (128, 128, 128))
-    picture = draw_ranked_list(grey, [grey, grey, grey], torch.tensor([0.1, 0.2, 0.3]),
-                               torch.tensor([True, False, True]), thumb_size=(20, 10))
+    picture = draw_ranked_list(
+        grey, [grey, grey, grey], torch.tensor([0.1, 0.2, 0.3]), torch.tensor([True, False, True]), thumb_size=(20, 10)
+    )
     # Cells: 10 + 2 * 3 (frame) = 16 wide, 20 + 6 + 14 (label) = 40 high; margin 4; query gap 16; spacing 4.
     assert picture.size == (4 + 16 + 16 + 3 * 16 + 2 * 4 + 4, 4 + 40 + 4)
     pixels = np.asarray(picture)
@@ -121,10 +122,20 @@ def test_thumbnails_are_square_and_keep_aspect(tmp_path):
 
 def test_gathered_samples_drop_repeats_in_index_order():
     metric = ReIDMetric()
-    metric.update(torch.tensor([[3.0], [1.0]]), torch.tensor([30, 10]), torch.tensor([0, 0]),
-                  torch.tensor([False, True]), torch.tensor([3, 1]))
-    metric.update(torch.tensor([[9.0], [2.0]]), torch.tensor([99, 20]), torch.tensor([0, 1]),
-                  torch.tensor([False, False]), torch.tensor([3, 2]))  # index 3 again: a DDP padding repeat
+    metric.update(
+        torch.tensor([[3.0], [1.0]]),
+        torch.tensor([30, 10]),
+        torch.tensor([0, 0]),
+        torch.tensor([False, True]),
+        torch.tensor([3, 1]),
+    )
+    metric.update(
+        torch.tensor([[9.0], [2.0]]),
+        torch.tensor([99, 20]),
+        torch.tensor([0, 1]),
+        torch.tensor([False, False]),
+        torch.tensor([3, 2]),
+    )  # index 3 again: a DDP padding repeat
     samples = metric.gathered_samples()
     assert samples["index"].tolist() == [1, 2, 3]
     assert samples["features"].squeeze(1).tolist() == [1.0, 2.0, 3.0]
@@ -140,8 +151,9 @@ def _frame_colours(picture_path, topk: int) -> list[tuple[int, ...]]:
 
 
 def test_cli_writes_one_picture_per_query_matching_the_protocol(compose_config, tiny_teacher, tmp_path):
-    from agw_light.evaluation import extract_features, load_reid_module
-    from agw_light.visualize import visualize_checkpoint
+    from agw_light.cli.visualize import visualize_checkpoint
+    from agw_light.evaluation import extract_features
+    from agw_light.lit.module import LitReID
 
     checkpoint, datamodule = tiny_teacher
     cfg = compose_config(f"ckpt={checkpoint}", "num_queries=3", "topk=5", "device=cpu", config_name="visualize")
@@ -157,22 +169,27 @@ def test_cli_writes_one_picture_per_query_matching_the_protocol(compose_config, 
     assert all(Image.open(path).size == row_size for path in written[:-1])
     assert Image.open(written[-1]).size == (row_size[0], 3 * row_size[1])
 
-    samples = extract_features(load_reid_module(checkpoint), datamodule.query_gallery_dataloader(), torch.device("cpu"))
+    samples = extract_features(
+        LitReID.from_checkpoint(checkpoint), datamodule.query_gallery_dataloader(), torch.device("cpu")
+    )
     features, pids, camids = samples["features"].numpy(), samples["pids"].numpy(), samples["camids"].numpy()
     q, g = slice(0, len(query)), slice(len(query), None)
-    expected = slow_ranking(features[q][positions], features[g], pids[q][positions], camids[q][positions],
-                            pids[g], camids[g], "cosine", 5)
+    expected = slow_ranking(
+        features[q][positions], features[g], pids[q][positions], camids[q][positions], pids[g], camids[g], "cosine", 5
+    )
     for path, ranking in zip(written, expected, strict=False):
         assert _frame_colours(path, 5) == [MATCH_COLOUR if match else MISMATCH_COLOUR for _, _, match in ranking]
 
 
 def test_cli_errors_are_clear(compose_config, tiny_teacher, tmp_path):
-    from agw_light.visualize import visualize_checkpoint
+    from agw_light.cli.visualize import visualize_checkpoint
 
     checkpoint, datamodule = tiny_teacher
     gallery_size = len(datamodule.dataset.gallery)
-    for override, message in (("num_queries=0", "num_queries=0: expected an integer from 1"),
-                              (f"topk={gallery_size + 1}", f"topk={gallery_size + 1}: .* gallery")):
+    for override, message in (
+        ("num_queries=0", "num_queries=0: expected an integer from 1"),
+        (f"topk={gallery_size + 1}", f"topk={gallery_size + 1}: .* gallery"),
+    ):
         cfg = compose_config(f"ckpt={checkpoint}", override, config_name="visualize")
         with pytest.raises(ValueError, match=message):
             visualize_checkpoint(cfg.ckpt, cfg, datamodule=datamodule)
@@ -186,8 +203,9 @@ def _tiny_module(datamodule):
 
     torch.manual_seed(0)
     losses = [{"name": "ce", "type": "cross_entropy", "weight": 1.0, "output": "logits"}]
-    return LitReID(model={"backbone": "resnet18", "pretrained": "none"}, losses=losses,
-                   num_classes=datamodule.num_classes)
+    return LitReID(
+        model={"backbone": "resnet18", "pretrained": "none"}, losses=losses, num_classes=datamodule.num_classes
+    )
 
 
 def test_callback_logs_ranked_lists_and_projector_to_tensorboard(tiny_teacher, tmp_path):
@@ -200,9 +218,16 @@ def test_callback_logs_ranked_lists_and_projector_to_tensorboard(tiny_teacher, t
     _, datamodule = tiny_teacher
     module = _tiny_module(datamodule)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="")
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=logger,
-                         callbacks=[RankedListLogger(num_queries=3, topk=4, embedding_size=20)],
-                         enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[RankedListLogger(num_queries=3, topk=4, embedding_size=20)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, datamodule=datamodule)
     assert module.keep_validation_samples and module.validation_samples is None  # freed after drawing
 
@@ -224,8 +249,9 @@ def test_callback_without_tensorboard_keeps_nothing(tiny_teacher):
 
     _, datamodule = tiny_teacher
     module = _tiny_module(datamodule)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[RankedListLogger()], enable_progress_bar=False,
-                         limit_val_batches=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, callbacks=[RankedListLogger()], enable_progress_bar=False, limit_val_batches=1
+    )
     trainer.validate(module, datamodule=datamodule)
     assert not module.keep_validation_samples and module.validation_samples is None
     with pytest.raises(ValueError, match=r"visualize.topk=0: expected an integer >= 1"):

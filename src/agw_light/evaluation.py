@@ -1,11 +1,13 @@
 """Checkpoint evaluation: features, the re-id protocol, and the two timings of the table row.
 
-Used by `agw_light.test` (a checkpoint on demand) and `agw_light.train` (the best checkpoint of a run), so
-the numbers a user reads after training and after testing come from the same code.
+Used by `python -m agw_light.evaluate` (a checkpoint on demand) and `python -m agw_light.train` (the reported
+checkpoint of a run), so the numbers a user reads after training and after evaluating come from the same
+code. Plain arguments only: no Hydra here.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,43 +16,122 @@ import numpy as np
 import torch
 from torch import nn
 
-from agw_light.metrics import evaluate_retrieval
+from agw_light.data.datamodule import ReIDDataModule
+from agw_light.files import file_sha256
+from agw_light.lit.module import LitReID
+from agw_light.metrics import RankAccumulator, evaluate_retrieval
+from agw_light.results import format_summary, write_metrics
+from agw_light.search import CoarseToFineIndex, HammingIndex, build_index
+
+log = logging.getLogger(__name__)
 
 
-def load_reid_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuilds a trained LitReID from its checkpoint alone (no config, no ImageNet download)."""
-    from agw_light.lit.module import LitReID
+def pick_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file (expected a .ckpt written by agw_light.train)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged zip/pickle
-        raise ValueError(f"checkpoint {path} cannot be read ({error}); is it truncated or not a .ckpt?") from error
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not hparams or "model" not in hparams or "state_dict" not in checkpoint:
-        raise ValueError(
-            f"checkpoint {path} is not an agw_light training checkpoint: expected keys 'hyper_parameters' "
-            f"(with 'model') and 'state_dict'"
+
+def describe_device(device: torch.device) -> str:
+    """The machine a timing was taken on, recorded with every row so figures stay comparable."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    datamodule: ReIDDataModule,
+    *,
+    device: str = "auto",
+    max_rank: int = 50,
+    timing_batch_size: int = 64,
+    fit_images: int = 1000,
+    target_recall: float = 0.99,
+    out_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluates a checkpoint on the datamodule's test split with the published protocol; writes metrics.json.
+
+    Retrieval goes through the search index the model's head calls for (`agw_light.search.build_index`):
+    float cosine (rows 1-2), exact Hamming on the full-length code (row 3) or coarse-to-fine over the code
+    pyramid (rows 4-5, candidate counts fitted on a query/gallery split of training identities, never on
+    test queries or labels). The reported R1/mAP/mINP are those of the ranking that index returns, and the
+    search time is that index's. metrics.json goes beside the checkpoint unless `out_path` is given.
+    """
+    torch_device = pick_device(device)
+    module = LitReID.from_checkpoint(ckpt_path)
+    model = module.model
+    datamodule.setup("test")
+    outputs = extract_features(module, datamodule.query_gallery_dataloader(), torch_device, desc="query + gallery")
+    features, pids, camids = outputs["features"], outputs["pids"], outputs["camids"]
+    is_query = outputs["is_query"].bool()
+    code_lengths = model.code_lengths
+    fit = None
+    if code_lengths is not None and len(code_lengths) > 1:
+        fit = extract_features(
+            module,
+            datamodule.validation_split_dataloader(fit_images),
+            torch_device,
+            desc="validation split (training ids)",
         )
-    # A distilled student is complete without its teacher, which only shaped its training: its distillation
-    # terms (parameter-free) are dropped with it.
-    from agw_light.lit.teacher import TEACHER_TARGETS
+        fit["is_query"] = fit["is_query"].bool()
+    index = build_index(
+        features[~is_query],
+        code_lengths,
+        target_recall=target_recall,
+        fit_queries=None if fit is None else fit["features"][fit["is_query"]],
+        fit_gallery=None if fit is None else fit["features"][~fit["is_query"]],
+    )
 
-    losses = [term for term in hparams["losses"] if term.get("target", "pids") not in TEACHER_TARGETS]
-    arguments = {
-        **hparams, "model": {**hparams["model"], "pretrained": "none"}, "losses": losses, "teacher_ckpt": None,
+    hparams = module.hparams
+    row: dict[str, Any] = {
+        "checkpoint": str(ckpt_path),
+        "checkpoint_sha256": file_sha256(ckpt_path),
+        "dataset": datamodule.name,
+        "backbone": hparams.model["backbone"],
+        "neck": hparams.model.get("neck", "bnneck"),
+        "distilled": hparams.get("teacher_sha256") is not None,
+        "index": index.kind,
     }
-    try:
-        module = LitReID(**arguments)
-        module.load_state_dict(checkpoint["state_dict"], strict=True)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(
-            f"checkpoint {path} does not rebuild into an agw_light model (hyper-parameters or weights do not "
-            f"match this version's architecture): {error}"
-        ) from error
-    return module.eval()
+    if isinstance(index, CoarseToFineIndex):
+        query = features[is_query]
+        results = evaluate_coarse_to_fine(
+            index, query, pids[is_query], camids[is_query], pids[~is_query], camids[~is_query], max_rank=max_rank
+        )
+        exact = HammingIndex(code_lengths[0])
+        exact.add(model.ranking_features(features[~is_query]))
+        exact_top1 = exact.search(model.ranking_features(query).numpy(), 1)[1]
+        row.update(
+            feature_dim="-".join(map(str, code_lengths)),
+            metric=model.distance,
+            candidates=list(index.candidates),
+            fit_queries=int(fit["is_query"].sum()),
+            fit_gallery=int((~fit["is_query"]).sum()),
+            recall_at_1_of_exact=float((index.search(query.numpy(), 1)[1] == exact_top1).mean()),
+            # The exact scan of the full-length codes, timed like the row's search: the speed-up's baseline.
+            exact_search_ms_per_query=time_search(exact, model.ranking_features(query)),
+        )
+    else:
+        results = evaluate_features(
+            model.ranking_features(features), pids, camids, is_query, distance=model.distance, max_rank=max_rank
+        )
+        row.update(feature_dim=int(features.shape[1]), metric=model.distance)
+    with torch.inference_mode():
+        inference_ms = time_inference(
+            module, height=datamodule.height, width=datamodule.width, device=torch_device, batch_size=timing_batch_size
+        )
+    row.update(
+        results,
+        inference_ms_per_batch64=inference_ms,
+        search_ms_per_query=time_search(index, features[is_query]),
+        device=describe_device(torch_device),
+    )
+    log.info("%s", format_summary(row))
+    out_path = Path(out_path) if out_path is not None else Path(ckpt_path).with_name("metrics.json")
+    write_metrics(out_path, row)
+    log.info("wrote %s", out_path)
+    return row
 
 
 @torch.inference_mode()
@@ -86,8 +167,14 @@ def evaluate_features(
     is_query = is_query.bool()
     query, gallery = features[is_query], features[~is_query]
     result = evaluate_retrieval(
-        query, gallery, pids[is_query], pids[~is_query], camids[is_query], camids[~is_query],
-        distance=distance, max_rank=max_rank,
+        query,
+        gallery,
+        pids[is_query],
+        pids[~is_query],
+        camids[is_query],
+        camids[~is_query],
+        distance=distance,
+        max_rank=max_rank,
     )
     return summarize_ranking(result, num_query=len(query), num_gallery=len(gallery))
 
@@ -96,8 +183,6 @@ def evaluate_coarse_to_fine(
     index, query_codes: torch.Tensor, q_pids, q_camids, g_pids, g_camids, *, max_rank: int = 50
 ) -> dict[str, float]:
     """The protocol on the ranking a coarse-to-fine index produces (what its users get), not the exact one."""
-    from agw_light.metrics import RankAccumulator
-
     accumulator = RankAccumulator(g_pids, g_camids, max_rank, num_gallery=index.ntotal)
     for rows, block in index.ranking_distances(query_codes):
         accumulator.add(torch.from_numpy(block), q_pids[rows], q_camids[rows])

@@ -1,4 +1,4 @@
-"""Atomic file writes: results, reports and pictures appear whole under their final name or not at all.
+"""Atomic file writes and content hashes: what a user keeps appears whole under its final name or not at all.
 
 Every output a user keeps (metrics.json, error.txt, results.md/csv, plots, ranked lists) goes through here, so
 an interrupted run never leaves half a file in place of a good one.
@@ -6,6 +6,7 @@ an interrupted run never leaves half a file in place of a good one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -40,3 +41,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash recorded beside results, so a changed checkpoint is caught rather than silently used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

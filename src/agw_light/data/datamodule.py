@@ -8,6 +8,7 @@ sampler). Query and gallery images form one evaluation set, queries first; under
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from agw_light.data.samplers import PKSampler
 from agw_light.data.transforms import build_test_transform, build_train_transform
 
 SYNTHETIC = "synthetic"
+log = logging.getLogger(__name__)
 
 
 class ReIDImageDataset(Dataset):
@@ -116,7 +118,7 @@ class ReIDDataModule(pl.LightningDataModule):
             return
         self._dataset = build_dataset(self.name, self.root, **self.dataset_kwargs)
         if self._is_global_zero():
-            print(self._dataset.summary(), flush=True)
+            log.info("%s", self._dataset.summary())
 
     def train_dataloader(self) -> DataLoader:
         return self._train_dataloader(*self._replicas())
@@ -150,8 +152,9 @@ class ReIDDataModule(pl.LightningDataModule):
             for sample in by_pid[pids[position]]:
                 (gallery if sample[2] in cameras else queries).append(sample)
                 cameras.add(sample[2])
-        images = ReIDImageDataset(queries + gallery, build_test_transform(self.height, self.width),
-                                  num_query=len(queries))
+        images = ReIDImageDataset(
+            queries + gallery, build_test_transform(self.height, self.width), num_query=len(queries)
+        )
         return DataLoader(images, batch_size=self.test_batch_size, shuffle=False, **self._loader_options())
 
     def _is_global_zero(self) -> bool:

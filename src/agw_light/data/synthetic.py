@@ -14,6 +14,7 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
+import logging
 import math
 import numbers
 import os
@@ -27,6 +28,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 # Bump whenever the drawing changes: the folder name includes it, so old caches are never reused.
 GENERATOR_VERSION = 1
@@ -120,9 +123,7 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
 
 def _denim(rng: np.random.Generator) -> np.ndarray:
     """Half of all trousers are jeans-like blues, which makes lower bodies less telling than upper ones."""
-    return np.array(
-        colorsys.hsv_to_rgb(rng.uniform(0.55, 0.68), rng.uniform(0.2, 0.7), rng.uniform(0.1, 0.6))
-    )
+    return np.array(colorsys.hsv_to_rgb(rng.uniform(0.55, 0.68), rng.uniform(0.2, 0.7), rng.uniform(0.1, 0.6)))
 
 
 def _sample_appearance(rng: np.random.Generator) -> _Appearance:
@@ -171,9 +172,7 @@ def _sample_camera(seed: int, cam: int, height: int, width: int) -> _CameraStyle
     texture = np.where(rows < horizon, wall, floor) * np.ones((1, tex_w, 1))
     # Smooth blotches: a coarse random grid upsampled to the texture size.
     coarse = (rng.random((6, 4, 3)) * 255).astype(np.uint8)
-    blotches = (
-        np.asarray(Image.fromarray(coarse).resize((tex_w, tex_h), Image.Resampling.BICUBIC)) / 255.0 - 0.5
-    )
+    blotches = np.asarray(Image.fromarray(coarse).resize((tex_w, tex_h), Image.Resampling.BICUBIC)) / 255.0 - 0.5
     texture = texture + rng.uniform(0.05, 0.25) * blotches
     period = rng.uniform(0.15, 0.4) * width
     if rng.random() < 0.5:  # columns or windows on the wall
@@ -318,15 +317,11 @@ def _draw_person(
     if look.bag == _BACKPACK and view == _SIDE:
         back = cx - facing * sw / 2
         draw.rectangle(
-            _sorted_box(
-                back, shoulder_y + 0.02 * ph, back - facing * 0.08 * ph * look.bag_size, hip_y - 0.03 * ph
-            ),
+            _sorted_box(back, shoulder_y + 0.02 * ph, back - facing * 0.08 * ph * look.bag_size, hip_y - 0.03 * ph),
             fill=_BAG,
         )
     if look.hair_style == _LONG_HAIR and view != _SIDE:
-        draw.rectangle(
-            [cx - head_w * 0.55, top + head_h * 0.3, cx + head_w * 0.55, shoulder_y + 0.06 * ph], fill=_HAIR
-        )
+        draw.rectangle([cx - head_w * 0.55, top + head_h * 0.3, cx + head_w * 0.55, shoulder_y + 0.06 * ph], fill=_HAIR)
 
     # Legs swing in opposite directions; skirts and shorts show skin below the hem.
     stride = 0.12 * ph * phase
@@ -340,9 +335,7 @@ def _draw_person(
             draw.polygon(_leg(top_x, hip_y, foot_x, feet, leg_w * 1.15, 0.0, 0.42), fill=_LOWER)
         shoe_dx = facing * 0.05 * ph if view == _SIDE else 0.0
         draw.ellipse(
-            _sorted_box(
-                foot_x - leg_w * 0.6, feet - 0.035 * ph, foot_x + leg_w * 0.6 + shoe_dx, feet + 0.005 * ph
-            ),
+            _sorted_box(foot_x - leg_w * 0.6, feet - 0.035 * ph, foot_x + leg_w * 0.6 + shoe_dx, feet + 0.005 * ph),
             fill=_SHOES,
         )
     draw.rectangle([cx - hw / 2, hip_y - 0.02 * ph, cx + hw / 2, hip_y + 0.06 * ph], fill=_LOWER)
@@ -363,17 +356,13 @@ def _draw_person(
         fill=_UPPER,
     )
     draw.ellipse([cx - sw / 2, shoulder_y - 0.015 * ph, cx + sw / 2, shoulder_y + 0.05 * ph], fill=_UPPER)
-    draw.rectangle(
-        [cx - head_w * 0.22, neck - 0.01 * ph, cx + head_w * 0.22, shoulder_y + 0.01 * ph], fill=_SKIN
-    )
+    draw.rectangle([cx - head_w * 0.22, neck - 0.01 * ph, cx + head_w * 0.22, shoulder_y + 0.01 * ph], fill=_SKIN)
     if look.bag == _BACKPACK and view == _BACK:
         draw.rectangle([cx - sw * 0.36, shoulder_y + 0.02 * ph, cx + sw * 0.36, hip_y - 0.02 * ph], fill=_BAG)
     elif look.bag == _BACKPACK and view == _FRONT:
         for side in (-1, 1):
             x = cx + side * sw * 0.3
-            draw.line(
-                [(x, shoulder_y), (x, shoulder_y + 0.2 * ph)], fill=_STRAP, width=max(1, round(0.012 * ph))
-            )
+            draw.line([(x, shoulder_y), (x, shoulder_y + 0.2 * ph)], fill=_STRAP, width=max(1, round(0.012 * ph)))
     elif look.bag == _SHOULDER_BAG:
         draw.line(
             [(cx - bag_x * sw * 0.4, shoulder_y), (cx + bag_x * hw * 0.6, hip_y)],
@@ -397,14 +386,10 @@ def _draw_person(
             fill=_SKIN,
         )
         if look.bag == _HANDBAG and side == (bag_x if view != _SIDE else facing):
-            draw.rectangle(
-                [hand_x - bag_w / 2, hand_y + arm_w * 0.3, hand_x + bag_w / 2, hand_y + bag_h], fill=_BAG
-            )
+            draw.rectangle([hand_x - bag_w / 2, hand_y + arm_w * 0.3, hand_x + bag_w / 2, hand_y + bag_h], fill=_BAG)
     if look.bag == _SHOULDER_BAG:
         x = cx + bag_x * (hw * 0.6 if view != _SIDE else 0.0)
-        draw.rectangle(
-            [x - bag_w / 2, hip_y - 0.05 * ph, x + bag_w / 2, hip_y - 0.05 * ph + bag_h * 0.8], fill=_BAG
-        )
+        draw.rectangle([x - bag_w / 2, hip_y - 0.05 * ph, x + bag_w / 2, hip_y - 0.05 * ph + bag_h * 0.8], fill=_BAG)
 
     # Head: from behind the hair covers it; a cap sits on top.
     head_box = [cx - head_w / 2, top, cx + head_w / 2, neck]
@@ -436,9 +421,7 @@ def _sorted_box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
     return [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
 
 
-def _leg(
-    x0: float, y0: float, x1: float, y1: float, width: float, t0: float, t1: float
-) -> list[tuple[float, float]]:
+def _leg(x0: float, y0: float, x1: float, y1: float, width: float, t0: float, t1: float) -> list[tuple[float, float]]:
     """The quad of a limb from (x0, y0) to (x1, y1) between fractions t0 and t1 of its length."""
     xa, ya = x0 + (x1 - x0) * t0, y0 + (y1 - y0) * t0
     xb, yb = x0 + (x1 - x0) * t1, y0 + (y1 - y0) * t1
@@ -460,9 +443,7 @@ def _plan(seed: int, num_ids: int, num_cams: int, images_per_id_cam: int) -> lis
             for k in range(images_per_id_cam):
                 split = TRAIN_DIR if pid <= num_train else (QUERY_DIR if k == 0 else GALLERY_DIR)
                 name = f"{pid:04d}_c{cam + 1}s1_{100 * pid + k:06d}_01.jpg"
-                specs.append(
-                    _ImageSpec(split, name, (seed, _IMAGE, pid, cam, k), (seed, _IDENTITY, pid), cam)
-                )
+                specs.append(_ImageSpec(split, name, (seed, _IMAGE, pid, cam, k), (seed, _IDENTITY, pid), cam))
     gallery_size = (num_ids - num_train) * num_cams * (images_per_id_cam - 1)
     for i in range(max(1, round(DISTRACTOR_SHARE * gallery_size))):
         cam = i % num_cams
@@ -527,7 +508,7 @@ def generate_synthetic(
     from tqdm import tqdm
 
     specs = _plan(params["seed"], params["num_ids"], params["num_cams"], params["images_per_id_cam"])
-    print(f"generating {len(specs)} synthetic images ({params}) into {target}", flush=True)
+    log.info("generating %d synthetic images (%s) into %s", len(specs), params, target)
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f"{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from agw_light.losses import build_loss_stack
+from agw_light.files import file_sha256
+from agw_light.lit.checkpoint import module_arguments, read_checkpoint, rebuilding
+from agw_light.lit.teacher import load_teacher, teacher_targets
+from agw_light.losses import TEACHER_TARGETS, build_loss_stack
 from agw_light.metrics import ReIDMetric
 from agw_light.models import build_model
 
@@ -34,7 +38,8 @@ class LitReID(pl.LightningModule):
     """Trains a re-id model with a weighted loss stack and validates it by query/gallery retrieval.
 
     `image_size` (height, width) is only recorded, so tools that embed new images with a checkpoint (the
-    search CLI) resize them as in training.
+    search CLI) resize them as in training. `distance` overrides the model's own retrieval distance (see
+    `agw_light.models.ReIDModel`); None keeps it.
     """
 
     def __init__(
@@ -49,7 +54,7 @@ class LitReID(pl.LightningModule):
         warmup_factor: float = 0.1,
         milestones: Sequence[int] = (40, 90),
         gamma: float = 0.1,
-        distance: str = "cosine",
+        distance: str | None = None,
         max_rank: int = 50,
         teacher_ckpt: str | None = None,
         teacher_sha256: str | None = None,
@@ -58,16 +63,14 @@ class LitReID(pl.LightningModule):
         super().__init__()
         model_kwargs = dict(model)
         self.channels_last = bool(model_kwargs.pop("channels_last", False))
-        self.model = build_model(num_classes=num_classes, **model_kwargs)
+        self.model = build_model(num_classes=num_classes, distance=distance, **model_kwargs)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_stack = build_loss_stack(list(losses), num_classes=num_classes)
-        self.val_metric = ReIDMetric(distance=distance, max_rank=max_rank)
+        self.val_metric = ReIDMetric(distance=self.model.distance, max_rank=max_rank)
         # A plain attribute, not a submodule: see agw_light.lit.teacher for why.
         object.__setattr__(self, "teacher", None)
         if teacher_ckpt is not None:
-            from agw_light.lit.teacher import file_sha256, load_teacher
-
             teacher_sha256 = teacher_sha256 or file_sha256(teacher_ckpt)
             teacher = load_teacher(teacher_ckpt, num_classes=num_classes, expected_sha256=teacher_sha256)
             object.__setattr__(self, "teacher", teacher)
@@ -78,14 +81,26 @@ class LitReID(pl.LightningModule):
         self.keep_validation_samples = False
         self.validation_samples: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> LitReID:
+        """A trained module rebuilt from its checkpoint alone, in eval mode, every weight key matched.
+
+        What Lightning's `load_from_checkpoint(..., weights_only=True, strict=True)` does, with the arguments
+        a trained model needs (`agw_light.lit.checkpoint.module_arguments`): no pretrained download, no
+        teacher. The file is read once, and a file that is not a checkpoint gets an error naming it.
+        """
+        checkpoint = read_checkpoint(path, map_location)
+        with rebuilding(path):
+            module = cls(**module_arguments(checkpoint["hyper_parameters"]))
+            module.load_state_dict(checkpoint["state_dict"], strict=True)
+        return module.eval()
+
     def _check_loss_targets(self, teacher_ckpt: str | None) -> None:
         """Fails at construction, not at the first step, when a loss reads a teacher target without a teacher.
 
         Other target names are the model's own outputs (self-distillation), known only after a forward: the
         loss stack checks those at the first step and names what the model gives.
         """
-        from agw_light.lit.teacher import TEACHER_TARGETS
-
         available = {"pids", *(TEACHER_TARGETS if teacher_ckpt is not None else ())}
         for term in self.loss_stack.terms:
             if term.target in TEACHER_TARGETS and term.target not in available:
@@ -107,8 +122,6 @@ class LitReID(pl.LightningModule):
         outputs = self(batch["image"])
         targets = {"pids": batch["pid"]}
         if self.teacher is not None:
-            from agw_light.lit.teacher import teacher_targets
-
             targets.update(teacher_targets(self.teacher, batch["image"]))
         total, terms = self.loss_stack(outputs, targets)
         batch_size = batch["image"].shape[0]
@@ -119,11 +132,7 @@ class LitReID(pl.LightningModule):
         return total
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        features = self(batch["image"])
-        code_lengths = getattr(self.model.head, "code_lengths", None)
-        if code_lengths is not None:
-            # A code pyramid's eval output is every level side by side: validate the full-length code alone.
-            features = features[:, : code_lengths[0]]
+        features = self.model.ranking_features(self(batch["image"]))
         self.val_metric.update(features, batch["pid"], batch["camid"], batch["is_query"], batch["index"])
 
     def on_validation_epoch_end(self) -> None:

@@ -8,23 +8,15 @@ checkpoint stores only its path and SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-# Targets the teacher adds to each training batch, for loss-stack entries to read.
-TEACHER_TARGETS = ("teacher_logits", "teacher_features")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from agw_light.files import file_sha256
+from agw_light.lit.checkpoint import network_from_checkpoint, read_checkpoint
+from agw_light.models import BNNeckHead
 
 
 def resolve_teacher_checkpoint(path: str | Path) -> Path:
@@ -64,8 +56,6 @@ def resolve_teacher_checkpoint(path: str | Path) -> Path:
 
 def load_teacher(ckpt_path: str | Path, *, num_classes: int, expected_sha256: str | None = None) -> nn.Module:
     """The teacher network of an agw_light checkpoint, frozen in eval mode; checks it fits the student."""
-    from agw_light.evaluation import load_reid_module
-
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -77,21 +67,27 @@ def load_teacher(ckpt_path: str | Path, *, num_classes: int, expected_sha256: st
             f"teacher checkpoint {path} changed since this student was started (SHA-256 differs from "
             f"{expected_sha256[:12]}...): resume with the original teacher file"
         )
-    module = load_reid_module(path)
-    teacher_classes = module.hparams.num_classes
+    checkpoint = read_checkpoint(path)
+    teacher_classes = checkpoint["hyper_parameters"].get("num_classes")
     if teacher_classes != num_classes:
         raise ValueError(
             f"teacher checkpoint {path} classifies {teacher_classes} training identities but the student's "
             f"dataset has {num_classes}: train the teacher on the same dataset"
         )
-    teacher = module.model.eval()
+    teacher = network_from_checkpoint(path, checkpoint)
+    if not isinstance(teacher.head, BNNeckHead):
+        raise ValueError(
+            f"teacher checkpoint {path} has a {type(teacher.head).__name__}; distillation reads the class logits "
+            f"and float feature of a {BNNeckHead.__name__} (a light=full or light=model checkpoint)"
+        )
     teacher.requires_grad_(False)
     return teacher
 
 
 @torch.no_grad()
 def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher's retrieval feature (after BNNeck) and class logits for a training batch."""
+    """The teacher's retrieval feature (after BNNeck) and class logits for a training batch: the
+    `agw_light.losses.TEACHER_TARGETS`."""
     if teacher.training:
         raise RuntimeError("the teacher must stay in eval mode during distillation")
     features = teacher(images)

@@ -1,6 +1,6 @@
 """Loss functions and the weighted loss stack a table row selects from its config."""
 
-from agw_light.losses.distill import KLDivergenceKD, SimilarityKD
+from agw_light.losses.distill import TEACHER_TARGETS, KLDivergenceKD, SimilarityKD
 from agw_light.losses.identity import CrossEntropyLabelSmooth
 from agw_light.losses.self_distill import ProbSelfDistill, SIMSelfDistill
 from agw_light.losses.stack import LOSSES, LossStack, LossTerm, build_loss_stack
@@ -15,6 +15,7 @@ __all__ = [
     "ProbSelfDistill",
     "SIMSelfDistill",
     "SimilarityKD",
+    "TEACHER_TARGETS",
     "WeightedRegularizedTriplet",
     "build_loss_stack",
     "pairwise_euclidean",

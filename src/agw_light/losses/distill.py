@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Batch targets a frozen teacher adds for the loss stack (agw_light.lit.teacher computes them): a loss entry
+# whose `target` is one of these needs a teacher checkpoint, and a student's checkpoint drops such entries.
+TEACHER_TARGETS = ("teacher_logits", "teacher_features")
+
 
 class KLDivergenceKD(nn.Module):
     """Hinton's KD: KL(teacher || student) of temperature-softened class distributions, times T^2.

@@ -13,9 +13,7 @@ from agw_light.models.heads import BNNeckHead, CodePyramidHead, HashHead
 from agw_light.models.pooling import GeneralizedMeanPooling
 from agw_light.models.reid import ReIDModel
 
-BACKBONES: dict[str, Callable[..., ResNetBackbone]] = {
-    name: partial(ResNetBackbone, name) for name in RESNET_SPECS
-}
+BACKBONES: dict[str, Callable[..., ResNetBackbone]] = {name: partial(ResNetBackbone, name) for name in RESNET_SPECS}
 NECKS: dict[str, Callable[..., nn.Module]] = {
     "bnneck": BNNeckHead,
     "hash": HashHead,
@@ -34,6 +32,7 @@ def build_model(
     gem_learnable: bool = True,
     neck: str = "bnneck",
     code_lengths: Sequence[int] | None = None,
+    distance: str | None = None,
 ) -> ReIDModel:
     """Builds AGW's network (ResNet last stride 1 + non-local + GeM + BNNeck) or a lighter variant.
 
@@ -44,6 +43,8 @@ def build_model(
     neck: "bnneck" (float feature), "hash" (one binary code, light feature) or "pyramid" (codes of several
     lengths, light search). code_lengths: the code heads' lengths, longest first; None keeps the head's
     default (2048 bits for "hash", 2048..32 for "pyramid"); "hash" takes exactly one length.
+    distance: how retrieval compares the eval outputs; None picks the head's own (cosine for "bnneck",
+    hamming for the code heads), "euclidean" is the alternative for "bnneck".
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")
@@ -54,7 +55,7 @@ def build_model(
     load_pretrained(trunk, pretrained)
     pooling = GeneralizedMeanPooling(gem_p, learnable=gem_learnable)
     head = NECKS[neck](trunk.out_channels, num_classes, pooling=pooling, **neck_options)
-    return ReIDModel(trunk, head)
+    return ReIDModel(trunk, head, distance=distance)
 
 
 def _neck_options(neck: str, code_lengths: Sequence[int] | None) -> dict[str, object]:
@@ -68,6 +69,4 @@ def _neck_options(neck: str, code_lengths: Sequence[int] | None) -> dict[str, ob
         if len(lengths) != 1:
             raise ValueError(f"neck 'hash' learns one code: code_lengths must have one entry, got {lengths}")
         return {"code_length": lengths[0]}
-    raise ValueError(
-        f"neck {neck!r} learns no binary code: code_lengths={lengths} needs neck 'hash' or 'pyramid'"
-    )
+    raise ValueError(f"neck {neck!r} learns no binary code: code_lengths={lengths} needs neck 'hash' or 'pyramid'")

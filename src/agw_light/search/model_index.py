@@ -1,7 +1,8 @@
-"""Indexes built from a trained model: which index kind a checkpoint's head calls for, and how to fill it.
+"""Indexes built from a trained model's outputs: which index kind its code lengths call for, and how to fill it.
 
-Shared by `agw_light.test` (the table's search column) and the `python -m agw_light.search` CLI, so the
-search time a user reads in the table is the search they run.
+Shared by evaluation (the table's search column) and the `python -m agw_light.search` CLI, so the search
+time a user reads in the table is the search they run. The model says its code lengths
+(`agw_light.models.ReIDModel.code_lengths`); this module takes them as plain arguments.
 """
 
 from __future__ import annotations
@@ -14,13 +15,6 @@ import torch
 
 from agw_light.search.fit import fit_candidates
 from agw_light.search.index import CoarseToFineIndex, FloatIndex, HammingIndex
-
-
-def code_lengths_of(model: torch.nn.Module) -> tuple[int, ...] | None:
-    """The code pyramid of a model's head (longest first), or None for float-feature heads."""
-    head = getattr(model, "head", None)
-    lengths = getattr(head, "code_lengths", None)
-    return tuple(int(length) for length in lengths) if lengths else None
 
 
 def build_index(
@@ -37,9 +31,7 @@ def build_index(
     `fit_queries` / `fit_gallery`: features of a validation query/gallery split (never test queries), used to
     fit the coarse-to-fine candidate counts (see `fit_candidates`); only their codes are used, no label.
     """
-    features = (
-        gallery_features.float().numpy() if isinstance(gallery_features, torch.Tensor) else gallery_features
-    )
+    features = gallery_features.float().numpy() if isinstance(gallery_features, torch.Tensor) else gallery_features
     features = np.ascontiguousarray(features, dtype=np.float32)
     if not code_lengths:
         index: Any = FloatIndex(features.shape[1])
@@ -50,9 +42,7 @@ def build_index(
     index.add(features, metadata)
     if isinstance(index, CoarseToFineIndex):
         if fit_queries is None or len(fit_queries) == 0:
-            raise ValueError(
-                "a coarse-to-fine index needs validation queries (fit_queries) to fit its candidates"
-            )
+            raise ValueError("a coarse-to-fine index needs validation queries (fit_queries) to fit its candidates")
         queries = fit_queries.float().numpy() if isinstance(fit_queries, torch.Tensor) else fit_queries
         extra = fit_gallery.float().numpy() if isinstance(fit_gallery, torch.Tensor) else fit_gallery
         index.candidates = fit_candidates(index, queries, validation_gallery=extra, target_recall=target_recall)

@@ -1,0 +1,64 @@
+"""Config to objects: the one place a composed Hydra config becomes library objects.
+
+Commands call these; the library below takes plain arguments and never sees a config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from agw_light.data.datamodule import ReIDDataModule
+from agw_light.lit.module import LitReID
+from agw_light.lit.teacher import resolve_teacher_checkpoint
+
+
+def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
+    """The DataModule of a config's dataset and loader sections (train, evaluate and visualize share it)."""
+    return ReIDDataModule(
+        name=cfg.dataset.name,
+        root=str(Path(cfg.dataset.root).expanduser()),
+        height=cfg.dataset.height,
+        width=cfg.dataset.width,
+        batch_size=cfg.loader.batch_size,
+        num_instances=cfg.loader.num_instances,
+        test_batch_size=cfg.loader.test_batch_size,
+        num_workers=cfg.loader.num_workers,
+        seed=cfg.seed,
+        dataset_kwargs=OmegaConf.to_container(cfg.dataset.kwargs, resolve=True),
+    )
+
+
+def loss_entries(cfg: DictConfig) -> list[dict]:
+    """The row's loss stack entries: `losses`, then `distill_losses` (rows 2 and 5)."""
+    return [
+        *OmegaConf.to_container(cfg.losses, resolve=True),
+        *OmegaConf.to_container(cfg.distill_losses, resolve=True),
+    ]
+
+
+def build_module(cfg: DictConfig, num_classes: int) -> LitReID:
+    """The row's LitReID: model, loss stack, optimizer settings and, for rows 2 and 5, the teacher.
+
+    A resumed student keeps the teacher hash it was started with, so a swapped teacher file is caught.
+    """
+    teacher_ckpt = cfg.light.get("teacher_ckpt")
+    teacher_sha256 = None
+    if teacher_ckpt is not None:
+        teacher_ckpt = str(resolve_teacher_checkpoint(teacher_ckpt))
+        if cfg.resume is not None:
+            resumed = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+            teacher_sha256 = resumed["hyper_parameters"].get("teacher_sha256")
+    return LitReID(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        losses=loss_entries(cfg),
+        num_classes=num_classes,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+        distance=cfg.eval.distance,
+        max_rank=cfg.eval.max_rank,
+        teacher_ckpt=teacher_ckpt,
+        image_size=(cfg.dataset.height, cfg.dataset.width),
+        teacher_sha256=teacher_sha256,
+    )

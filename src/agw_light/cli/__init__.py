@@ -1,0 +1,13 @@
+"""The commands: each reads Hydra or argv and calls the library. No command imports another.
+
+python -m agw_light.train       train (then evaluate) one table row        agw-train
+python -m agw_light.evaluate    evaluate a checkpoint: one metrics row      agw-evaluate
+python -m agw_light.visualize   ranked-list pictures of a checkpoint        agw-visualize
+python -m agw_light.report      a sweep's results table and plots           agw-report
+python -m agw_light.search      build / query a saved gallery index         agw-search
+"""
+
+from pathlib import Path
+
+# The Hydra configs: the repository's top-level conf/, which the package links to and a wheel carries.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

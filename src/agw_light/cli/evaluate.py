@@ -1,0 +1,36 @@
+"""Evaluate a checkpoint: `python -m agw_light.evaluate ckpt=<path> dataset=<name>`.
+
+Prints the table row (feature dim, metric, R1, mAP, mINP, inference ms per batch of 64, search ms per query)
+and writes it to metrics.json beside the checkpoint (or `out=`).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from agw_light.cli import CONF_DIR
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top, so that `--help` and `--cfg job` answer without loading torch.
+    from agw_light.builders import build_datamodule
+    from agw_light.evaluation import evaluate_checkpoint
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    evaluate_checkpoint(
+        cfg.ckpt,
+        datamodule,
+        device=cfg.device,
+        max_rank=cfg.eval.max_rank,
+        timing_batch_size=cfg.eval.timing_batch_size,
+        fit_images=cfg.eval.fit_images,
+        target_recall=cfg.eval.target_recall,
+        out_path=cfg.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Build and query a saved gallery index from the command line.
+
+    python -m agw_light.search build ckpt=<model.ckpt> gallery=<image folder> out=<index dir>
+    python -m agw_light.search query index=<index dir> image=<image file or folder> topk=10 [json=true]
+
+`build` embeds every image under `gallery` (recursively: jpg, jpeg, png, bmp) with the checkpoint's model
+and saves the index the model's head calls for (float cosine, exact Hamming or coarse-to-fine Hamming)
+with the image paths (and pid / camera parsed from Market- or Duke-style names, else -1). The
+coarse-to-fine candidate counts are fitted on a sample of the gallery's own codes as queries (no labels
+exist here; recall is measured against the exact full-length search). `query` embeds the query images with
+the model recorded at build time (or `ckpt=`) and prints the ranked gallery paths with their distances.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+# Market-1501 / DukeMTMC-reID style names: <pid>_c<camera>...
+REID_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+MODEL_RECORD = "model.json"
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "build": {
+        "ckpt": None,
+        "gallery": None,
+        "out": None,
+        "device": "auto",
+        "batch_size": 128,
+        "height": None,
+        "width": None,
+        "fit_queries": 1000,
+        "target_recall": 0.99,
+        "seed": 0,
+    },
+    "query": {
+        "index": None,
+        "image": None,
+        "topk": 10,
+        "ckpt": None,
+        "device": "auto",
+        "batch_size": 128,
+        "height": None,
+        "width": None,
+        "json": False,
+    },
+}
+REQUIRED = {"build": ("ckpt", "gallery", "out"), "query": ("index", "image")}
+
+
+def parse_arguments(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """`<verb> key=value ...` checked against the verb's keys; values typed by YAML (OmegaConf)."""
+    from omegaconf import OmegaConf
+
+    usage = "usage: python -m agw_light.search {build,query} key=value ...  (see --help)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    verb, pairs = argv[0], argv[1:]
+    if verb not in DEFAULTS:
+        raise SystemExit(f"unknown command {verb!r}; expected build or query\n{usage}")
+    malformed = [pair for pair in pairs if "=" not in pair]
+    if malformed:
+        raise SystemExit(f"arguments must be key=value, got {malformed}\n{usage}")
+    given = OmegaConf.to_container(OmegaConf.from_dotlist(pairs))
+    unknown = sorted(set(given) - set(DEFAULTS[verb]))
+    if unknown:
+        raise SystemExit(f"{verb}: unknown key(s) {unknown}; known: {sorted(DEFAULTS[verb])}")
+    options = {**DEFAULTS[verb], **given}
+    missing = [key for key in REQUIRED[verb] if options[key] is None]
+    if missing:
+        raise SystemExit(f"{verb}: missing {', '.join(f'{key}=...' for key in missing)}\n{usage}")
+    return verb, options
+
+
+def list_images(location: str | Path) -> list[Path]:
+    """One image file, or every image below a folder (sorted, so builds are reproducible)."""
+    path = Path(location).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such image file or folder")
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ValueError(f"{path}: no images found (expected files ending in {sorted(IMAGE_SUFFIXES)})")
+    return images
+
+
+def reid_labels(path: Path) -> tuple[int, int]:
+    """(pid, 0-based camera) from a Market/Duke-style file name, (-1, -1) when the name says nothing."""
+    match = REID_NAME.match(path.name)
+    return (int(match.group(1)), int(match.group(2)) - 1) if match else (-1, -1)
+
+
+def embed_images(module, paths: list[Path], *, height: int, width: int, batch_size: int, device) -> Any:
+    """The model's eval-mode output (feature or codes) for each image, in order."""
+    from torch.utils.data import DataLoader
+
+    from agw_light.data.datamodule import ReIDImageDataset
+    from agw_light.data.transforms import build_test_transform
+    from agw_light.evaluation import extract_features
+
+    samples = [(str(path), -1, -1) for path in paths]
+    loader = DataLoader(ReIDImageDataset(samples, build_test_transform(height, width)), batch_size=batch_size)
+    return extract_features(module, loader, device, desc="embedding images")["features"]
+
+
+def _embed_location(module, location: str, options: dict[str, Any]) -> tuple[list[Path], Any]:
+    """The images at `location` and the model's outputs for them, at the checkpoint's image size."""
+    from agw_light.evaluation import pick_device
+
+    height, width = _image_size(module, options)
+    paths = list_images(location)
+    features = embed_images(
+        module,
+        paths,
+        height=height,
+        width=width,
+        batch_size=options["batch_size"],
+        device=pick_device(options["device"]),
+    )
+    return paths, features
+
+
+def _image_size(module, options: dict[str, Any]) -> tuple[int, int]:
+    recorded = module.hparams.get("image_size")
+    height = options["height"] or (recorded[0] if recorded else None)
+    width = options["width"] or (recorded[1] if recorded else None)
+    if not height or not width:
+        raise SystemExit("the checkpoint does not record its image size: pass height=... width=...")
+    return int(height), int(width)
+
+
+def build(options: dict[str, Any]) -> Path:
+    import numpy as np
+
+    from agw_light.files import file_sha256, write_json_atomic
+    from agw_light.lit.module import LitReID
+    from agw_light.search import GalleryMetadata, build_index
+
+    module = LitReID.from_checkpoint(options["ckpt"])
+    height, width = _image_size(module, options)
+    paths, features = _embed_location(module, options["gallery"], options)
+    labels = [reid_labels(path) for path in paths]
+    metadata = GalleryMetadata([str(p) for p in paths], [pid for pid, _ in labels], [cam for _, cam in labels])
+    sample = np.random.default_rng(options["seed"]).permutation(len(paths))[: options["fit_queries"]]
+    index = build_index(
+        features,
+        module.model.code_lengths,
+        metadata=metadata,
+        fit_queries=features[np.sort(sample)],
+        target_recall=options["target_recall"],
+    )
+    out = index.save(options["out"])
+    write_json_atomic(
+        Path(out) / MODEL_RECORD,
+        {
+            "ckpt": str(Path(options["ckpt"]).resolve()),
+            "ckpt_sha256": file_sha256(options["ckpt"]),
+            "image_size": [height, width],
+        },
+    )
+    print(f"indexed {len(paths)} images ({type(index).__name__}) into {out}")
+    return Path(out)
+
+
+def query(options: dict[str, Any]) -> list[dict[str, Any]]:
+    from agw_light.lit.module import LitReID
+    from agw_light.search import load_index
+
+    index = load_index(options["index"])
+    record_path = Path(options["index"]) / MODEL_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    ckpt = options["ckpt"] or record.get("ckpt")
+    if ckpt is None:
+        raise SystemExit(f"{record_path}: not found, so the model is unknown: pass ckpt=<checkpoint>")
+    module = LitReID.from_checkpoint(ckpt)
+    if record.get("image_size") and not (options["height"] or options["width"]):
+        options = {**options, "height": record["image_size"][0], "width": record["image_size"][1]}
+    paths, features = _embed_location(module, options["image"], options)
+    distances, indices = index.search(features, int(options["topk"]))
+    gallery_paths = index.metadata.paths if index.metadata is not None else None
+    results = [
+        {
+            "query": str(path),
+            "results": [
+                {
+                    "rank": rank + 1,
+                    "index": int(i),
+                    "distance": float(d),
+                    "path": gallery_paths[int(i)] if gallery_paths else None,
+                }
+                for rank, (d, i) in enumerate(zip(distances[row], indices[row], strict=True))
+            ],
+        }
+        for row, path in enumerate(paths)
+    ]
+    if options["json"]:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(result["query"])
+            for hit in result["results"]:
+                print(f"  {hit['rank']:3d}  {hit['distance']:10.4f}  {hit['path'] or hit['index']}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    verb, options = parse_arguments(sys.argv[1:] if argv is None else argv)
+    (build if verb == "build" else query)(options)
+
+
+if __name__ == "__main__":
+    main()

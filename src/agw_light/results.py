@@ -1,0 +1,95 @@
+"""metrics.json, one table row: the single schema its writer (evaluation) and its reader (report) share.
+
+Each key says exactly which network and protocol produced the numbers: the checkpoint and its hash, the
+backbone, the head, whether a teacher distilled it, the search index, the distance, and the device that
+took the timings. Where a run sits in the seed table (`table_place`) is derived from these, never from
+config labels that could say otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from agw_light.files import write_json_atomic
+
+# Required keys with the types the writer gives them (bool is refused where a number is expected).
+FIELDS: dict[str, tuple[type, ...]] = {
+    "checkpoint": (str,),
+    "checkpoint_sha256": (str,),
+    "dataset": (str,),
+    "backbone": (str,),
+    "neck": (str,),  # bnneck (float feature) | hash (one code) | pyramid (codes of several lengths)
+    "distilled": (bool,),  # trained with a teacher (the light model)
+    "index": (str,),  # float | hamming | coarse_to_fine: the search that produced the ranking
+    "feature_dim": (int, str),  # an int, or the pyramid's lengths "2048-1024-...-32"
+    "metric": (str,),
+    "R1": (int, float),
+    "R5": (int, float),
+    "R10": (int, float),
+    "mAP": (int, float),
+    "mINP": (int, float),
+    "num_query": (int,),
+    "num_gallery": (int,),
+    "num_valid_queries": (int,),
+    "inference_ms_per_batch64": (int, float),
+    "search_ms_per_query": (int, float),
+    "device": (str,),
+}
+# The terminal's two-line summary of a row.
+SUMMARY_COLUMNS = ("feature_dim", "metric", "R1", "mAP", "mINP", "inference_ms_per_batch64", "search_ms_per_query")
+# The seed table's rows by (light model, light feature, light search).
+TABLE_ROWS = {
+    (False, False, False): 1,
+    (True, False, False): 2,
+    (False, True, False): 3,
+    (False, True, True): 4,
+    (True, True, True): 5,
+}
+
+
+def check_row(row: Any, source: str | Path) -> dict[str, Any]:
+    """`row` if it holds every required key with its type and finite numbers; else an error naming `source`."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{source}: expected a JSON object of the table row, got {type(row).__name__}")
+    for key, expected in FIELDS.items():
+        value = row.get(key)
+        number_expected = bool not in expected
+        if not isinstance(value, expected) or (number_expected and isinstance(value, bool)):
+            names = " or ".join(kind.__name__ for kind in expected)
+            raise ValueError(f"{source}: key {key} is {value!r}, expected {names}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{source}: key {key} is {value}, expected a finite number")
+    return row
+
+
+def write_metrics(path: str | Path, row: dict[str, Any]) -> Path:
+    return write_json_atomic(path, check_row(row, f"metrics row for {path}"))
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    try:
+        row = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read ({error}); is it truncated?") from error
+    return check_row(row, path)
+
+
+def table_place(row: dict[str, Any]) -> tuple[int | None, bool, bool, bool]:
+    """(seed-table row or None, light model, light feature, light search) of a metrics row."""
+    flags = (row["distilled"], row["neck"] in ("hash", "pyramid"), row["index"] == "coarse_to_fine")
+    return TABLE_ROWS.get(flags), *flags
+
+
+def format_summary(row: dict[str, Any]) -> str:
+    """The row as two aligned lines, header and values, for the terminal."""
+    cells = []
+    for column in SUMMARY_COLUMNS:
+        value = row[column]
+        cells.append((column, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    widths = [max(len(name), len(text)) for name, text in cells]
+    header = " | ".join(name.ljust(w) for (name, _), w in zip(cells, widths, strict=True))
+    values = " | ".join(text.ljust(w) for (_, text), w in zip(cells, widths, strict=True))
+    return f"{header}\n{values}"
