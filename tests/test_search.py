@@ -3,7 +3,10 @@ against a per-query reference, candidate fitting without labels, and the persist
 
 from __future__ import annotations
 
+import fcntl
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -463,11 +466,19 @@ def test_save_without_metadata_and_replace(tmp_path):
     loaded = HammingIndex.load(tmp_path / "index")
     assert loaded.ntotal == 9 and loaded.metadata is None
     np.testing.assert_array_equal(loaded.codes, large.codes)
-    assert sorted(p.name for p in (tmp_path / "index").iterdir())[1:] == ["manifest.json"]  # one data folder
+    assert folder_entries(tmp_path / "index") == INDEX_ENTRIES  # one data folder
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="refusing to write an index over other files"):
+    with pytest.raises(FileExistsError, match=r"holds \['notes.txt'\] .* refusing to write an index over other files"):
         small.save(tmp_path / "other")
+
+
+INDEX_ENTRIES = [".read.lock", ".save.lock", "data-*", "manifest.json"]
+
+
+def folder_entries(directory) -> list[str]:
+    """The names in an index folder, data folders masked as `data-*`."""
+    return sorted("data-*" if p.name.startswith("data-") else p.name for p in directory.iterdir())
 
 
 def data_file(directory, array_name):
@@ -554,4 +565,94 @@ def test_failed_save_leaves_the_old_index_loadable(tmp_path, monkeypatch):
 
     loaded = CoarseToFineIndex.load(directory)
     assert loaded.ntotal == 80 and loaded.metadata == indexes["c2f"].metadata
-    assert sorted(p.name for p in directory.iterdir())[1:] == ["manifest.json"]  # no leftovers
+    assert folder_entries(directory) == INDEX_ENTRIES  # no leftovers
+
+
+def test_record_travels_in_the_manifest_and_must_be_json(tmp_path):
+    index = HammingIndex(32)
+    index.add(random_bits(np.random.default_rng(14), 5, 32))
+    record = {"ckpt": "/models/a.ckpt", "ckpt_sha256": "ab" * 32, "image_size": [256, 128]}
+    index.save(tmp_path / "index", record=record)
+    assert HammingIndex.load(tmp_path / "index").record == record == index.record
+    loaded = load_index(tmp_path / "index")
+    loaded.save(tmp_path / "copy")  # no record given: the index keeps its own
+    assert load_index(tmp_path / "copy").record == record
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["record"] == record and not (tmp_path / "index" / "model.json").exists()
+
+    with pytest.raises(ValueError, match=r"record: must be None or a JSON-able dict"):
+        index.save(tmp_path / "bad", record={"when": object()})
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    (tmp_path / "index" / "manifest.json").write_text(json.dumps({**manifest, "record": [1, 2]}))
+    with pytest.raises(ValueError, match=r"manifest.json: record: must be None or a JSON-able dict"):
+        load_index(tmp_path / "index")
+
+
+def versioned_index(version: int) -> HammingIndex:
+    """An index whose every array and record say `version`, so a mix of two saves shows."""
+    rows = 10 + version
+    index = HammingIndex(64)
+    paths = [f"v{version}/{row}.jpg" for row in range(rows)]
+    index.add(np.full((rows, 8), version, dtype=np.uint8), GalleryMetadata(paths, [version] * rows, [0] * rows))
+    index.record = {"version": version}
+    return index
+
+
+def assert_one_version(index: HammingIndex) -> int:
+    version = index.record["version"]
+    assert index.ntotal == 10 + version and np.all(index.codes == version)
+    assert index.metadata.pids == [version] * index.ntotal
+    return version
+
+
+def test_concurrent_saves_and_loads_see_one_complete_version(tmp_path):
+    """The fault drill: with unlocked saves, one save deleted the data folder another's manifest named."""
+    directory = tmp_path / "index"
+    writers, saves_each, readers = 6, 4, 3
+    done = threading.Event()
+    seen: list[int] = []
+
+    def write(version: int) -> None:
+        index = versioned_index(version)
+        for _ in range(saves_each):
+            index.save(directory)
+
+    def read() -> None:
+        while not done.is_set():
+            if (directory / "manifest.json").is_file():
+                seen.append(assert_one_version(HammingIndex.load(directory)))
+
+    with ThreadPoolExecutor(writers + readers) as pool:
+        reading = [pool.submit(read) for _ in range(readers)]
+        writing = [pool.submit(write, version) for version in range(writers)]
+        for future in writing:
+            future.result()
+        done.set()
+        for future in reading:
+            future.result()
+    assert seen and set(seen) <= set(range(writers))
+    last = assert_one_version(HammingIndex.load(directory))
+    versioned_index(last).save(directory)  # no reader now: older data folders go
+    assert folder_entries(directory) == INDEX_ENTRIES
+
+
+def test_a_reader_keeps_its_data_folder_and_saves_take_turns(tmp_path):
+    directory = tmp_path / "index"
+    versioned_index(1).save(directory)
+    old_data = directory / json.loads((directory / "manifest.json").read_text())["data_dir"]
+    with open(directory / storage_module.READ_LOCK) as reader:
+        fcntl.flock(reader, fcntl.LOCK_SH)  # a load in progress
+        versioned_index(2).save(directory)
+        assert old_data.is_dir()  # still being read: not deleted under the reader
+    versioned_index(3).save(directory)
+    assert not old_data.exists() and folder_entries(directory) == INDEX_ENTRIES
+
+    with open(directory / storage_module.SAVE_LOCK) as other_save:
+        fcntl.flock(other_save, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=versioned_index(4).save, args=(directory,))
+        waiting.start()
+        waiting.join(timeout=0.3)
+        assert waiting.is_alive()  # waits for the other save
+        assert assert_one_version(HammingIndex.load(directory)) == 3  # readers are not blocked by it
+    waiting.join(timeout=10)
+    assert assert_one_version(HammingIndex.load(directory)) == 4

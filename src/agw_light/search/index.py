@@ -14,8 +14,8 @@ skipped, so the whole scan moves to the first stage that prunes. Re-ranking gath
 codes for the whole query batch at once (`np.take`, XOR, popcount); large batches are re-ranked in slices
 on as many threads as faiss uses. `agw_light.search.fit` chooses the candidate counts.
 
-Every index saves itself into a folder and loads back (`save`, `load`, `load_index`); the format is
-`agw_light.search.storage`.
+Every index saves itself into a folder and loads back (`save`, `load`, `load_index`), with an optional JSON
+`record` of what built it; the format is `agw_light.search.storage`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class SearchIndex(abc.ABC):
 
     def __init__(self) -> None:
         self.metadata: GalleryMetadata | None = None
+        self.record: dict[str, Any] | None = None  # what built the index, saved in its manifest
 
     @property
     @abc.abstractmethod
@@ -100,9 +101,13 @@ class SearchIndex(abc.ABC):
     def restore(cls, settings: dict[str, Any], arrays: dict[str, np.ndarray]) -> SearchIndex:
         """The index (without metadata) that a saved manifest and its loaded arrays describe."""
 
-    def save(self, directory: str | Path) -> Path:
-        """Writes the index into `directory` (created if needed), replacing an index already there."""
-        return storage.save(self, directory)
+    def save(self, directory: str | Path, record: Mapping[str, Any] | None = None) -> Path:
+        """Writes the index into `directory` (created if needed), replacing an index already there.
+
+        `record`: JSON-able facts saved in the same manifest, so they cannot describe another build (`search
+        build` records its checkpoint); None keeps the index's own `record`, as loaded or last saved.
+        """
+        return storage.save(self, directory, self.record if record is None else record)
 
     @classmethod
     def load(cls, directory: str | Path) -> SearchIndex:

@@ -2,20 +2,29 @@
 
 A saved index is a folder with `manifest.json` and a data folder of `.npy` arrays. The manifest records
 format, format_version, kind, count (the index's `ntotal`), has_metadata, the index's `settings()` (its
-geometry: dim, bits, code_lengths, levels, candidates), the data folder's name, and the size, SHA-256, dtype
-and shape of every array file. Gallery metadata travels as four arrays (`meta_*`): the UTF-8 bytes of all
-paths with their offsets, person ids and camera ids.
+geometry: dim, bits, code_lengths, levels, candidates), the data folder's name, the size, SHA-256, dtype
+and shape of every array file, and an optional JSON `record` of the caller's (what built the index: `search
+build` stores its checkpoint there, so the model and the data it made are one atomic unit). Gallery metadata
+travels as four arrays (`meta_*`): the UTF-8 bytes of all paths with their offsets, person ids and camera ids.
 
 `save` writes the arrays into a temporary folder, renames it into place, then atomically replaces
-`manifest.json`, which names the data folder: an existing index is replaced only once the new one is
-complete, and a failed save leaves it loadable. Only one process should save into a folder at a time.
+`manifest.json`, which names the data folder: a reader sees the old index or the new one, never a mix, and
+a failed save leaves the old one loadable. Two lock files in the folder (`fcntl.flock`, dropped by the OS
+if the process dies) make this hold under concurrency: a save holds `.save.lock` exclusively from its
+first write to its cleanup, so concurrent saves run one after another (the last one wins, each complete);
+`load` holds `.read.lock` shared while it reads the manifest and the arrays, and a save deletes older data
+folders only if it gets `.read.lock` exclusively at once; otherwise a reader may still be using them and a
+later save removes them. A save never waits for readers.
 
-This module knows no index class: an index provides `kind`, `ntotal`, `metadata`, `settings()`, `arrays()`
+This module knows no index class: an index provides `kind`, `ntotal`, `metadata`, `record`, `settings()`, `arrays()`
 and `restore()` (the `Storable` protocol), and `load` is given the classes it may build, by kind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import itertools
 import json
@@ -23,7 +32,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -34,6 +43,11 @@ from agw_light.search.metadata import GalleryMetadata
 FORMAT = "agw_light.search.index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SAVE_LOCK = ".save.lock"
+READ_LOCK = ".read.lock"
+# What saves create in an index folder; anything else there is someone else's file.
+_OWN_PREFIXES = ("data-", ".tmp-", f".{MANIFEST}.")
+_OWN_NAMES = (MANIFEST, SAVE_LOCK, READ_LOCK)
 
 
 class Storable(Protocol):
@@ -41,6 +55,7 @@ class Storable(Protocol):
 
     kind: ClassVar[str]
     metadata: GalleryMetadata | None
+    record: dict[str, Any] | None
 
     @property
     def ntotal(self) -> int: ...
@@ -56,67 +71,77 @@ class Storable(Protocol):
         """The index (without metadata) described by a manifest and its loaded arrays."""
 
 
-def save(index: Storable, directory: str | Path) -> Path:
-    """Writes `index` into `directory` (created if needed), replacing an index already there."""
+def save(index: Storable, directory: str | Path, record: Mapping[str, Any] | None = None) -> Path:
+    """Writes `index` and `record` into `directory` (created if needed), replacing an index already there.
+
+    `record` (None or a JSON-able dict) becomes `index.record` once saved, as `load` restores it. Concurrent
+    saves into one folder run one after another.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory}: exists and is not a directory; cannot save an index there")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
-        raise FileExistsError(
-            f"{directory}: not empty and holds no {MANIFEST}; refusing to write an index over other files"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir() and not (directory / MANIFEST).is_file():
+        foreign = sorted(p.name for p in directory.iterdir() if not _is_own(p.name))
+        if foreign:
+            raise FileExistsError(
+                f"{directory}: holds {foreign[:3]} and no {MANIFEST}; refusing to write an index over other files"
+            )
+    record = _checked_record(record, "record")
     arrays = index.arrays()
     if index.metadata is not None:
         arrays.update(_metadata_arrays(index.metadata))
-    token = uuid.uuid4().hex[:12]
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
-    try:
-        files = {name: _write_array(staging / f"{name}.npy", array) for name, array in arrays.items()}
-        _fsync_path(staging)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _flock(directory / SAVE_LOCK, fcntl.LOCK_EX):
+        token = uuid.uuid4().hex[:12]
         data_dir = f"data-{token}"
-        os.rename(staging, directory / data_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": index.kind,
-        "count": index.ntotal,
-        "has_metadata": index.metadata is not None,
-        **index.settings(),
-        "data_dir": data_dir,
-        "files": files,
-    }
-    manifest_tmp = directory / f".{MANIFEST}.{token}.tmp"
-    try:
-        with open(manifest_tmp, "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(manifest_tmp, directory / MANIFEST)
-    except BaseException:
-        manifest_tmp.unlink(missing_ok=True)
-        shutil.rmtree(directory / data_dir, ignore_errors=True)
-        raise
-    _fsync_path(directory)
-    for stale in directory.iterdir():  # older data folders and leftovers of interrupted saves
-        if stale.name == data_dir or not stale.name.startswith(("data-", ".tmp-", f".{MANIFEST}.")):
-            continue
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
+        files = _write_data(directory, data_dir, arrays)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": index.kind,
+            "count": index.ntotal,
+            "has_metadata": index.metadata is not None,
+            **index.settings(),
+            "data_dir": data_dir,
+            "files": files,
+            "record": record,
+        }
+        manifest_tmp = directory / f".{MANIFEST}.{token}.tmp"
+        try:
+            with open(manifest_tmp, "w", encoding="utf-8") as handle:
+                json.dump(manifest, handle, indent=2)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(manifest_tmp, directory / MANIFEST)
+        except BaseException:
+            manifest_tmp.unlink(missing_ok=True)
+            shutil.rmtree(directory / data_dir, ignore_errors=True)
+            raise
+        _fsync_path(directory)
+        _remove_leftovers(directory, keep=data_dir)
+    index.record = record
     return directory
 
 
 def load(directory: str | Path, kinds: Mapping[str, type[Storable]], expected: type[Storable] | None = None) -> Any:
     """The index saved in `directory`, restored by `kinds[its kind]`, or by `expected` if it holds that kind.
 
-    A missing, truncated, corrupted or foreign file is an error that names the file.
+    A missing, truncated, corrupted or foreign file is an error that names the file. The read holds the
+    folder's read lock, so a concurrent save cannot delete the data folder under it.
     """
-    manifest_path, manifest = _read_manifest(directory)
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: not found (expected an index folder written by save())")
+    with _flock(manifest_path.parent / READ_LOCK, fcntl.LOCK_SH, read_only_ok=True):
+        manifest = _read_manifest(manifest_path)
+        index = _restore(manifest_path, manifest, kinds, expected)
+    index.record = _checked_record(manifest.get("record"), f"{manifest_path}: record")
+    return index
+
+
+def _restore(
+    manifest_path: Path, manifest: dict[str, Any], kinds: Mapping[str, type[Storable]], expected: type[Storable] | None
+) -> Any:
     kind = manifest["kind"]
     if expected is not None and kind != expected.kind:
         raise ValueError(
@@ -143,6 +168,79 @@ def check_array(array: np.ndarray, name: str, dtype: Any, shape: tuple[int | Non
         raise ValueError(
             f"array {name!r} must be {np.dtype(dtype)} of shape {expected}, got {array.dtype} {array.shape}"
         )
+
+
+def _is_own(name: str) -> bool:
+    return name in _OWN_NAMES or name.startswith(_OWN_PREFIXES)
+
+
+def _checked_record(record: Any, what: str) -> dict[str, Any] | None:
+    """A copy of `record` (None, or a JSON object), so that the manifest can hold it; else a ValueError."""
+    if record is None:
+        return None
+    try:
+        if not isinstance(record, Mapping):
+            raise TypeError(f"expected a JSON object, got {type(record).__name__}")
+        return json.loads(json.dumps(dict(record), allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what}: must be None or a JSON-able dict ({error})") from error
+
+
+@contextlib.contextmanager
+def _flock(path: Path, operation: int, read_only_ok: bool = False) -> Iterator[bool]:
+    """Holds `fcntl.flock(operation)` on `path` (created if missing) and says whether it got it.
+
+    Only a non-blocking request (LOCK_NB) can be refused. The lock belongs to this open file, so threads
+    exclude each other as processes do, and the OS drops it when the process dies. With `read_only_ok`, a
+    folder this process may not write, holding no lock file yet, is read unlocked: no save has run there
+    since saves began to lock.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as error:
+        if not (read_only_ok and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+            raise
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, operation)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _write_data(directory: Path, data_dir: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Writes `arrays` into a temporary folder, renamed to `directory / data_dir` once complete; their entries."""
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    try:
+        files = {name: _write_array(staging / f"{name}.npy", array) for name, array in arrays.items()}
+        _fsync_path(staging)
+        os.rename(staging, directory / data_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files
+
+
+def _remove_leftovers(directory: Path, keep: str) -> None:
+    """Removes what interrupted saves left, and older data folders unless a reader may still be using them.
+
+    Runs under the save lock, so no other save is writing here.
+    """
+    for path in directory.iterdir():
+        if path.name.startswith(".tmp-"):
+            shutil.rmtree(path)
+        elif path.name.startswith(f".{MANIFEST}."):
+            path.unlink()
+    with _flock(directory / READ_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB) as no_readers:
+        if no_readers:
+            for path in directory.iterdir():
+                if path.name.startswith("data-") and path.name != keep:
+                    shutil.rmtree(path)
 
 
 def _metadata_arrays(metadata: GalleryMetadata) -> dict[str, np.ndarray]:
@@ -197,10 +295,7 @@ def _fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
-def _read_manifest(directory: str | Path) -> tuple[Path, dict[str, Any]]:
-    manifest_path = Path(directory) / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not found (expected an index folder written by save())")
+def _read_manifest(manifest_path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -216,7 +311,7 @@ def _read_manifest(directory: str | Path) -> tuple[Path, dict[str, Any]]:
     for key in ("kind", "count", "has_metadata", "data_dir", "files"):
         if key not in manifest:
             raise ValueError(f"{manifest_path}: missing key {key!r}")
-    return manifest_path, manifest
+    return manifest
 
 
 def _load_arrays_and_restore(cls: type[Storable], manifest_path: Path, manifest: dict[str, Any]) -> Any:
