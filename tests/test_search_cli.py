@@ -3,52 +3,170 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from agw_light.cli.search import main, parse_arguments
 from agw_light.data.synthetic import generate_synthetic
+from agw_light.files import file_sha256
 from agw_light.lit.module import LitReID
-from agw_light.search import load_index
+from agw_light.search import FloatIndex, HammingIndex, load_index
 
 LOSSES = [{"name": "ce", "type": "cross_entropy", "output": "logits"}]
+FLOAT_MODEL = {"backbone": "resnet18", "pretrained": "none"}
+HASH_MODEL = {"backbone": "resnet18", "pretrained": "none", "neck": "hash", "code_lengths": [64]}
 
 
 @pytest.fixture(scope="module")
-def gallery_folder(tmp_path_factory):
+def gallery_folder(tmp_path_factory) -> Path:
     root = generate_synthetic(
         tmp_path_factory.mktemp("cli"), num_ids=6, num_cams=2, images_per_id_cam=2, height=32, width=16, seed=3
     )
-    return root / "Market-1501-v15.09.15" / "bounding_box_test"
+    return (root / "Market-1501-v15.09.15" / "bounding_box_test").resolve()
 
 
-def _checkpoint(path, neck_model: dict) -> str:
-    torch.manual_seed(0)
+def _checkpoint(path: Path, neck_model: dict, seed: int = 0) -> str:
+    torch.manual_seed(seed)
     module = LitReID(model=neck_model, losses=LOSSES, num_classes=3, image_size=(32, 16))
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
     return str(path)
 
 
-def test_build_then_query_finds_the_image_itself(gallery_folder, tmp_path, capsys):
-    ckpt = _checkpoint(tmp_path / "model.ckpt", {"backbone": "resnet18", "pretrained": "none"})
-    main(["build", f"ckpt={ckpt}", f"gallery={gallery_folder}", f"out={tmp_path / 'index'}", "device=cpu"])
+@pytest.fixture(scope="module")
+def built_index(gallery_folder, tmp_path_factory) -> tuple[str, Path]:
+    """(checkpoint, index folder) built once; tests that change the index work on a copy."""
+    folder = tmp_path_factory.mktemp("built")
+    ckpt = _checkpoint(folder / "model.ckpt", FLOAT_MODEL)
+    main(["build", f"ckpt={ckpt}", f"gallery={gallery_folder}", f"out={folder / 'index'}", "device=cpu"])
+    return ckpt, folder / "index"
+
+
+def _query(index, image, capsys, *extra: str) -> list[dict]:
+    capsys.readouterr()
+    main(["query", f"index={index}", f"image={image}", "topk=3", "json=true", "device=cpu", *extra])
+    return json.loads(capsys.readouterr().out)
+
+
+def _rewrite_record(index: Path, record: dict | None) -> None:
+    manifest = json.loads((index / "manifest.json").read_text())
+    (index / "manifest.json").write_text(json.dumps({**manifest, "record": record}))
+
+
+def test_build_then_query_from_another_directory_finds_the_image_itself(gallery_folder, tmp_path, capsys, monkeypatch):
+    ckpt = _checkpoint(tmp_path / "model.ckpt", FLOAT_MODEL)
+    monkeypatch.chdir(gallery_folder.parent)  # relative gallery and checkpoint, stored absolute
+    relative_ckpt = os.path.relpath(ckpt)
+    main(
+        ["build", f"ckpt={relative_ckpt}", f"gallery={gallery_folder.name}", f"out={tmp_path / 'index'}", "device=cpu"]
+    )
     index = load_index(tmp_path / "index")
     images = sorted(gallery_folder.glob("*.jpg"))
     assert len(index) == len(images) and index.metadata.paths == [str(p) for p in images]
+    assert index.record == {"ckpt": str(Path(ckpt).resolve()), "ckpt_sha256": file_sha256(ckpt), "image_size": [32, 16]}
+    assert not (tmp_path / "index" / "model.json").exists()
     first = images[0]
     pid, camera = re.match(r"(-?\d+)_c(\d+)", first.name).groups()
     assert (index.metadata.pids[0], index.metadata.camids[0]) == (int(pid), int(camera) - 1)
 
-    capsys.readouterr()
-    main(["query", f"index={tmp_path / 'index'}", f"image={first}", "topk=3", "json=true", "device=cpu"])
-    results = json.loads(capsys.readouterr().out)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    results = _query(tmp_path / "index", first, capsys)
     assert results[0]["query"] == str(first)
     hits = results[0]["results"]
-    assert [hit["rank"] for hit in hits] == [1, 2, 3]
+    assert [hit["rank"] for hit in hits] == [1, 2, 3] and all(Path(hit["path"]).is_file() for hit in hits)
     assert hits[0]["path"] == str(first) and hits[0]["distance"] == pytest.approx(0.0, abs=1e-5)
     assert hits[0]["distance"] <= hits[1]["distance"] <= hits[2]["distance"]
+
+
+def test_query_refuses_a_changed_checkpoint_unless_allowed(gallery_folder, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "model.ckpt", FLOAT_MODEL)
+    main(["build", f"ckpt={ckpt}", f"gallery={gallery_folder}", f"out={tmp_path / 'index'}", "device=cpu"])
+    built_sha = file_sha256(ckpt)
+    _checkpoint(tmp_path / "model.ckpt", FLOAT_MODEL, seed=1)  # retrained in place
+    changed_sha = file_sha256(ckpt)
+    image = sorted(gallery_folder.glob("*.jpg"))[0]
+    with pytest.raises(SystemExit, match=rf"SHA-256 {changed_sha}.* SHA-256 {built_sha}.*allow_changed_model=true"):
+        _query(tmp_path / "index", image, capsys)
+    main(["query", f"index={tmp_path / 'index'}", f"image={image}", "device=cpu", "allow_changed_model=true"])
+    printed = capsys.readouterr()
+    assert f"warning: checkpoint {ckpt}: SHA-256 {changed_sha}" in printed.err and str(image) in printed.out
+
+
+def test_query_needs_a_model_and_refuses_an_old_separate_model_record(built_index, gallery_folder, tmp_path, capsys):
+    ckpt, built = built_index
+    index = shutil.copytree(built, tmp_path / "index")
+    _rewrite_record(index, None)  # an index saved by the library, without a record
+    image = sorted(gallery_folder.glob("*.jpg"))[0]
+    with pytest.raises(SystemExit, match="records no model.*pass ckpt="):
+        _query(index, image, capsys)
+    assert len(_query(index, image, capsys, f"ckpt={ckpt}")[0]["results"]) == 3
+
+    (index / "model.json").write_text(json.dumps({"ckpt": ckpt})[:-5])  # what older versions wrote beside it
+    with pytest.raises(SystemExit, match=r"model.json: this index was built by an older agw_light.*rebuild it"):
+        _query(index, image, capsys)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_holding_code_is_refused_by_build_and_query(built_index, gallery_folder, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+    with pytest.raises(ValueError, match="crafted.ckpt"):
+        main(["build", f"ckpt={crafted}", f"gallery={gallery_folder}", f"out={tmp_path / 'new'}", "device=cpu"])
+    assert not (tmp_path / "new").exists()
+
+    _, built = built_index
+    index = shutil.copytree(built, tmp_path / "index")
+    image = sorted(gallery_folder.glob("*.jpg"))[0]
+    with pytest.raises(ValueError, match="crafted.ckpt"):
+        _query(index, image, capsys, f"ckpt={crafted}")
+    _rewrite_record(index, {**load_index(index).record, "ckpt": str(crafted)})  # the recorded model is crafted
+    with pytest.raises(ValueError, match="crafted.ckpt"):
+        _query(index, image, capsys)
+    assert not marker.exists()
+
+
+def test_two_concurrent_builds_leave_one_consistent_index(gallery_folder, tmp_path, capsys):
+    """The fault drill: data from one model with model.json naming the other."""
+    checkpoints = {
+        FloatIndex: _checkpoint(tmp_path / "float.ckpt", FLOAT_MODEL),
+        HammingIndex: _checkpoint(tmp_path / "hash.ckpt", HASH_MODEL),
+    }
+    errors: list[BaseException] = []
+
+    def build(ckpt: str) -> None:
+        try:
+            main(["build", f"ckpt={ckpt}", f"gallery={gallery_folder}", f"out={tmp_path / 'index'}", "device=cpu"])
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=build, args=(ckpt,)) for ckpt in checkpoints.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    index = load_index(tmp_path / "index")
+    assert index.record["ckpt_sha256"] == file_sha256(checkpoints[type(index)])  # data and model agree
+    assert len(list((tmp_path / "index").glob("data-*"))) == 1
+    image = sorted(gallery_folder.glob("*.jpg"))[0]
+    hits = _query(tmp_path / "index", image, capsys)[0]["results"]
+    assert hits[0]["path"] == str(image) and hits[0]["distance"] == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +184,6 @@ def test_bad_arguments_say_what_is_expected(argv, message):
 
 
 def test_missing_gallery_folder_is_named(tmp_path):
-    ckpt = _checkpoint(tmp_path / "model.ckpt", {"backbone": "resnet18", "pretrained": "none"})
+    ckpt = _checkpoint(tmp_path / "model.ckpt", FLOAT_MODEL)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         main(["build", f"ckpt={ckpt}", f"gallery={tmp_path / 'nowhere'}", f"out={tmp_path / 'index'}"])

@@ -2,13 +2,20 @@
 
     python -m agw_light.search build ckpt=<model.ckpt> gallery=<image folder> out=<index dir>
     python -m agw_light.search query index=<index dir> image=<image file or folder> topk=10 [json=true]
+        [ckpt=<model.ckpt>] [allow_changed_model=true]
 
 `build` embeds every image under `gallery` (recursively: jpg, jpeg, png, bmp) with the checkpoint's model
 and saves the index the model's head calls for (float cosine, exact Hamming or coarse-to-fine Hamming)
 with the image paths (and pid / camera parsed from Market- or Duke-style names, else -1). The
 coarse-to-fine candidate counts are fitted on a sample of the gallery's own codes as queries (no labels
-exist here; recall is measured against the exact full-length search). `query` embeds the query images with
-the model recorded at build time (or `ckpt=`) and prints the ranked gallery paths with their distances.
+exist here; recall is measured against the exact full-length search). The index's manifest records the
+checkpoint (absolute path, SHA-256) and image size, saved atomically with the data, and the gallery paths
+are absolute, so the index answers from any working directory.
+
+`query` embeds the query images with the model recorded at build time (or `ckpt=`) and prints the ranked
+gallery paths with their distances. It re-hashes that checkpoint and refuses one whose SHA-256 differs from
+the recorded one (its outputs would not match the index's) unless `allow_changed_model=true`. Checkpoints
+are read with `weights_only=True`: a file holding code is refused, the code never runs.
 """
 
 from __future__ import annotations
@@ -17,12 +24,16 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agw_light.lit.module import LitReID
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # Market-1501 / DukeMTMC-reID style names: <pid>_c<camera>...
 REID_NAME = re.compile(r"^(-?\d+)_c(\d+)")
-MODEL_RECORD = "model.json"
+# Where agw_light before the record moved into the manifest kept the model, outside the atomic save.
+LEGACY_MODEL_RECORD = "model.json"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "build": {
         "ckpt": None,
@@ -46,6 +57,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "height": None,
         "width": None,
         "json": False,
+        "allow_changed_model": False,
     },
 }
 REQUIRED = {"build": ("ckpt", "gallery", "out"), "query": ("index", "image")}
@@ -108,7 +120,7 @@ def embed_images(module, paths: list[Path], *, height: int, width: int, batch_si
     return extract_features(module, loader, device, desc="embedding images")["features"]
 
 
-def _embed_location(module, location: str, options: dict[str, Any]) -> tuple[list[Path], Any]:
+def _embed_location(module, location: str | Path, options: dict[str, Any]) -> tuple[list[Path], Any]:
     """The images at `location` and the model's outputs for them, at the checkpoint's image size."""
     from agw_light.evaluation import pick_device
 
@@ -137,13 +149,18 @@ def _image_size(module, options: dict[str, Any]) -> tuple[int, int]:
 def build(options: dict[str, Any]) -> Path:
     import numpy as np
 
-    from agw_light.files import file_sha256, write_json_atomic
+    from agw_light.files import file_sha256
     from agw_light.lit.module import LitReID
     from agw_light.search import GalleryMetadata, build_index
 
     module = LitReID.from_checkpoint(options["ckpt"])
-    height, width = _image_size(module, options)
-    paths, features = _embed_location(module, options["gallery"], options)
+    record = {
+        "ckpt": str(Path(options["ckpt"]).resolve()),
+        "ckpt_sha256": file_sha256(options["ckpt"]),
+        "image_size": list(_image_size(module, options)),
+    }
+    gallery = Path(options["gallery"]).expanduser().resolve()  # absolute paths: a query may run elsewhere
+    paths, features = _embed_location(module, gallery, options)
     labels = [reid_labels(path) for path in paths]
     metadata = GalleryMetadata([str(p) for p in paths], [pid for pid, _ in labels], [cam for _, cam in labels])
     sample = np.random.default_rng(options["seed"]).permutation(len(paths))[: options["fit_queries"]]
@@ -154,30 +171,46 @@ def build(options: dict[str, Any]) -> Path:
         fit_queries=features[np.sort(sample)],
         target_recall=options["target_recall"],
     )
-    out = index.save(options["out"])
-    write_json_atomic(
-        Path(out) / MODEL_RECORD,
-        {
-            "ckpt": str(Path(options["ckpt"]).resolve()),
-            "ckpt_sha256": file_sha256(options["ckpt"]),
-            "image_size": [height, width],
-        },
-    )
+    out = index.save(options["out"], record=record)
     print(f"indexed {len(paths)} images ({type(index).__name__}) into {out}")
     return Path(out)
 
 
-def query(options: dict[str, Any]) -> list[dict[str, Any]]:
+def _query_model(index_dir: Path, record: dict[str, Any], options: dict[str, Any]) -> LitReID:
+    """The model that embeds queries: `ckpt=` or the recorded one, refused if it is not the one that built
+    the index (SHA-256) unless `allow_changed_model=true`."""
+    from agw_light.files import file_sha256
     from agw_light.lit.module import LitReID
-    from agw_light.search import load_index
 
-    index = load_index(options["index"])
-    record_path = Path(options["index"]) / MODEL_RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if not record and (index_dir / LEGACY_MODEL_RECORD).is_file():
+        raise SystemExit(
+            f"{index_dir / LEGACY_MODEL_RECORD}: this index was built by an older agw_light, which kept the model "
+            "record outside the index (it may describe another build); rebuild it with `search build`"
+        )
     ckpt = options["ckpt"] or record.get("ckpt")
     if ckpt is None:
-        raise SystemExit(f"{record_path}: not found, so the model is unknown: pass ckpt=<checkpoint>")
+        raise SystemExit(f"{index_dir}: the index records no model (saved without one): pass ckpt=<checkpoint>")
     module = LitReID.from_checkpoint(ckpt)
+    recorded = record.get("ckpt_sha256")
+    actual = file_sha256(ckpt) if recorded else None
+    if actual != recorded:
+        mismatch = (
+            f"checkpoint {ckpt}: SHA-256 {actual}, but the index {index_dir} was built by a checkpoint with "
+            f"SHA-256 {recorded} ({record.get('ckpt')}); its outputs may not match the index"
+        )
+        if not options["allow_changed_model"]:
+            raise SystemExit(f"{mismatch}. Rebuild the index, or pass allow_changed_model=true to query it anyway")
+        print(f"warning: {mismatch}; querying anyway (allow_changed_model=true)", file=sys.stderr)
+    return module
+
+
+def query(options: dict[str, Any]) -> list[dict[str, Any]]:
+    from agw_light.search import load_index
+
+    index_dir = Path(options["index"])
+    index = load_index(index_dir)
+    record = index.record or {}
+    module = _query_model(index_dir, record, options)
     if record.get("image_size") and not (options["height"] or options["width"]):
         options = {**options, "height": record["image_size"][0], "width": record["image_size"][1]}
     paths, features = _embed_location(module, options["image"], options)
