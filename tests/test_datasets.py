@@ -12,10 +12,12 @@ import pytest
 
 from agw_light.data.datasets import (
     ReIDDataset,
+    UnreadableImagesError,
     build_dataset,
     parse_dukemtmcreid,
     parse_market1501,
     parse_msmt17,
+    verify_images,
 )
 
 # Published statistics (ids, images, cameras) per split, as torchreid and fast-reid document them.
@@ -368,6 +370,7 @@ def minimal_msmt_lists() -> dict[str, list[str]]:
         ("0000/0000_000_01_0303morning_0015_0.jpg zero", "cannot parse"),
         ("0000/0000_01_0303morning.jpg 0", "cannot parse"),
         ("0000/0000_000_16_0303morning_0015_0.jpg 0", "camera 16 .* expected a camera in 1..15"),
+        ("0007/0007_000_01_0303morning_0015_0.jpg 5", "label 5 disagrees with pid 7 of the file name '0007/0007_"),
     ],
 )
 def test_malformed_msmt17_list_line_names_the_list_and_line_number(tmp_path, bad_line, expected):
@@ -404,3 +407,41 @@ def test_build_dataset_rejects_unknown_names_and_stray_kwargs(tmp_path):
         build_dataset("cuhk03", tmp_path)
     with pytest.raises(TypeError, match="'market1501' takes no keyword arguments; got unexpected num_cams, num_ids"):
         build_dataset("market1501", tmp_path, num_ids=3, num_cams=2)
+
+
+def test_verify_images_lists_every_unreadable_image_at_once(tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "good.jpg"
+    pattern = bytes((k * 37) % 251 for k in range(32 * 64 * 3))  # busy pixels: most of the file is image data
+    Image.frombytes("RGB", (32, 64), pattern).save(good, quality=90)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.jpg"  # its header parses: only decoding finds the missing end
+    truncated.write_bytes(data[: len(data) // 2])
+    with Image.open(truncated) as header_only:
+        assert header_only.size == (32, 64)
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not a jpeg")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    paths = [str(p) for p in (good, truncated, tmp_path / "missing.jpg", garbage, good, empty)]
+
+    verify_images([str(good)] * 3, workers=2)
+    with pytest.raises(UnreadableImagesError) as caught:
+        verify_images(paths, workers=2)
+    assert [path for path, _ in caught.value.problems] == [paths[1], paths[2], paths[3], paths[5]]
+    message = str(caught.value)
+    assert message.startswith("4 of 6 images cannot be read")
+    assert f"{truncated}: OSError: image file is truncated" in message
+    assert f"{tmp_path / 'missing.jpg'}: FileNotFoundError" in message
+    assert f"{garbage}: UnidentifiedImageError" in message
+    with pytest.raises(ValueError, match="workers >= 1"):
+        verify_images(paths, workers=0)
+
+
+def test_unreadable_images_error_caps_the_listed_files():
+    problems = [(f"/data/{k}.jpg", "OSError: broken") for k in range(25)]
+    message = str(UnreadableImagesError(problems, 100))
+    assert message.startswith("25 of 100 images cannot be read")
+    assert "/data/19.jpg: OSError: broken" in message and "/data/20.jpg" not in message
+    assert message.endswith("  ... and 5 more")

@@ -1,7 +1,8 @@
 """Re-id datasets as plain lists of (image path, pid, camid), parsed from the published folder layouts.
 
 Only file names and list files are read -- no image is opened or stat'ed -- so even MSMT17's 126k images
-parse in well under a second, and the result is the same on every run (names are sorted).
+parse in well under a second, and the result is the same on every run (names are sorted). `verify_images`
+is the separate, opt-out check that every listed image decodes.
 
 Conventions shared by every parser (those of torchreid and fast-reid, so numbers are comparable):
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +47,12 @@ MSMT_LISTS = {
     "query": ("list_query.txt",),
     "gallery": ("list_gallery.txt",),
 }
-# One list line: '<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>'; group 2 is the camera, group 3 the pid.
-MSMT_LINE = re.compile(r"((?:\S*/)?\d+_\d+_(\d+)_[^\s/]*\.jpg)\s+(\d+)\s*")
+# One list line: '<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>'; groups: path, file-name pid, camera, label.
+MSMT_LINE = re.compile(r"((?:\S*/)?(\d+)_\d+_(\d+)_[^\s/]*\.jpg)\s+(\d+)\s*")
 MSMT_LINE_TEXT = "'<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>' (e.g. '0000/0000_000_01_0303morning_0015_0.jpg 0')"
 MSMT_NUM_CAMS = 15
+# Images per task of verify_images' thread pool.
+VERIFY_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,53 @@ class ReIDDataset:
 
         rule = "-+-".join("-" * width for width in widths)
         return "\n".join([f"Dataset {self.name} ({self.root})", line(header), rule, *map(line, rows)])
+
+
+class UnreadableImagesError(OSError):
+    """Images that do not decode, all of them at once: `problems` holds (path, reason) in the order given."""
+
+    def __init__(self, problems: list[tuple[str, str]], total: int, *, max_listed: int = 20) -> None:
+        self.problems = problems
+        lines = [f"  {path}: {reason}" for path, reason in problems[:max_listed]]
+        if len(problems) > max_listed:
+            lines.append(f"  ... and {len(problems) - max_listed} more")
+        super().__init__(
+            f"{len(problems)} of {total} images cannot be read (fix or remove them; for the generated set, delete "
+            "its cache folder to draw it again):\n" + "\n".join(lines)
+        )
+
+
+def _image_problem(path: str) -> str | None:
+    """Why the image cannot be decoded, or None. Opening alone parses only the header and passes a truncated
+    JPEG, so the pixels are decoded too, at 1/8 scale (draft mode): the whole entropy-coded stream is still
+    read, so truncation fails as it would in the loaders, for no more than a full decode costs."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.draft(None, (1, 1))
+            image.load()
+    except Exception as error:  # any failure means the loaders would fail on this file later
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def verify_images(paths: Sequence[str], *, workers: int = 4) -> None:
+    """Decodes every image in a thread pool; raises one `UnreadableImagesError` listing all that fail.
+
+    Run before training, so a bad file is reported in seconds, not when the loaders first reach it (for a
+    gallery image: the final evaluation, after all training). PIL releases the GIL while it decodes pixels,
+    so threads overlap that part; parsing the header is Python and does not overlap.
+    """
+    if workers < 1:
+        raise ValueError(f"verify_images needs workers >= 1, got {workers}")
+    # Blocks of paths, not a task per image: MSMT17's 126k images would otherwise queue 126k futures at once.
+    blocks = [paths[start : start + VERIFY_BLOCK] for start in range(0, len(paths), VERIFY_BLOCK)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = pool.map(lambda block: [(path, _image_problem(path)) for path in block], blocks)
+        problems = [(path, reason) for block in found for path, reason in block if reason is not None]
+    if problems:
+        raise UnreadableImagesError(problems, len(paths))
 
 
 def _relabel(samples: list[Sample]) -> list[Sample]:
@@ -235,13 +287,20 @@ def _read_msmt_list(list_path: str, image_dir: str) -> list[Sample]:
                 raise ValueError(
                     f"{list_path}, line {line_number}: cannot parse {line.strip()!r}; expected {MSMT_LINE_TEXT}"
                 )
-            camera = int(match[2])
+            name_pid, camera, label = int(match[2]), int(match[3]), int(match[4])
             if not 1 <= camera <= MSMT_NUM_CAMS:
                 raise ValueError(
                     f"{list_path}, line {line_number}: camera {camera} in {match[1]!r}; "
                     f"expected a camera in 1..{MSMT_NUM_CAMS}"
                 )
-            samples.append((prefix + match[1], int(match[3]), camera - 1))
+            # The release names every image after its pid; a label that says otherwise is a damaged list,
+            # and training on it would silently teach wrong identities.
+            if label != name_pid:
+                raise ValueError(
+                    f"{list_path}, line {line_number}: label {label} disagrees with pid {name_pid} of the file "
+                    f"name {match[1]!r}"
+                )
+            samples.append((prefix + match[1], label, camera - 1))
     return samples
 
 
