@@ -177,6 +177,36 @@ def test_unreadable_image_error_names_the_file(tmp_path):
         list(module.test_dataloader())
 
 
+def test_setup_lists_every_unreadable_image_of_every_split_before_any_loading(tmp_path):
+    from agw_light.data.datasets import UnreadableImagesError, build_dataset
+
+    dataset = build_dataset("synthetic", str(tmp_path), **TINY)
+    broken = [dataset.train[5][0], dataset.query[2][0], dataset.gallery[-1][0]]
+    for path in broken[:2]:
+        with open(path, "wb") as handle:
+            handle.write(b"not a jpeg at all")
+    with open(broken[2], "r+b") as handle:
+        handle.truncate(200)
+    module = make_datamodule(tmp_path)
+    with pytest.raises(UnreadableImagesError, match=r"^3 of \d+ images cannot be read") as caught:
+        module.setup("fit")
+    assert [path for path, _ in caught.value.problems] == broken
+    with pytest.raises(RuntimeError, match=r"call setup\(\) before"):
+        module.dataset  # noqa: B018 - a failed check leaves no dataset to train on
+    unchecked = make_datamodule(tmp_path, check_images=False)
+    unchecked.setup("fit")
+    assert unchecked.dataset.gallery[-1][0] == broken[2]
+
+
+def test_evaluation_loaders_take_another_image_size(datamodule):
+    for loader in (
+        datamodule.query_gallery_dataloader(image_size=(24, 12)),
+        datamodule.validation_split_dataloader(12, image_size=(24, 12)),
+    ):
+        assert next(iter(loader))["image"].shape[1:] == (3, 24, 12)
+    assert next(iter(datamodule.test_dataloader()))["image"].shape[1:] == (3, HEIGHT, WIDTH)
+
+
 def test_missing_root_of_a_real_dataset_is_reported(tmp_path):
     missing = tmp_path / "no-market-here"
     module = ReIDDataModule(name="market1501", root=str(missing), num_workers=0)

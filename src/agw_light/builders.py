@@ -28,6 +28,7 @@ def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
         num_workers=cfg.loader.num_workers,
         seed=cfg.seed,
         dataset_kwargs=OmegaConf.to_container(cfg.dataset.kwargs, resolve=True),
+        check_images=cfg.dataset.check_images,
     )
 
 

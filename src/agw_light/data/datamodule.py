@@ -4,11 +4,15 @@ Training batches come from `PKSampler`, which splits identities across DDP ranks
 must be built with `use_distributed_sampler=False` (Lightning would otherwise try to re-wrap the batch
 sampler). Query and gallery images form one evaluation set, queries first; under DDP each rank reads a
 `DistributedSampler` shard, whose padding repeats are dropped by the metric through the "index" key.
+
+Every image of every split is decoded once at setup (`check_images`), so a bad file stops the run before
+training instead of at the loader that first reaches it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from agw_light.data.datasets import ReIDDataset, Sample, build_dataset
+from agw_light.data.datasets import SPLITS, ReIDDataset, Sample, build_dataset, verify_images
 from agw_light.data.samplers import PKSampler
 from agw_light.data.transforms import build_test_transform, build_train_transform
 
@@ -57,7 +61,10 @@ class ReIDImageDataset(Dataset):
 class ReIDDataModule(pl.LightningDataModule):
     """A re-id benchmark ("market1501", "dukemtmcreid", "msmt17" or the generated "synthetic") as loaders.
 
-    `dataset_kwargs` go to `build_dataset` (for "synthetic": the generator's parameters).
+    `dataset_kwargs` go to `build_dataset` (for "synthetic": the generator's parameters). `height` x `width`
+    is the input size of the training and test transforms; the query/gallery and validation-split loaders
+    take another `image_size` (a checkpoint evaluated at the size it was trained at). `check_images` decodes
+    every image at setup with `max(1, num_workers)` threads and lists all unreadable ones in one error.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class ReIDDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         seed: int = 0,
         dataset_kwargs: dict | None = None,
+        check_images: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
@@ -85,6 +93,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.dataset_kwargs = dict(dataset_kwargs or {})
+        self.check_images = check_images
         self._dataset: ReIDDataset | None = None
 
     @property
@@ -113,12 +122,25 @@ class ReIDDataModule(pl.LightningDataModule):
             )
 
     def setup(self, stage: str | None = None) -> None:
-        """Parses the dataset once; later calls (Lightning calls setup per stage) reuse it."""
+        """Parses (and checks) the dataset once; later calls (Lightning calls setup per stage) reuse it.
+
+        Every rank checks the images, not rank 0 alone: a rank that does not fail would otherwise wait for
+        the failed one at the process-group rendezvous (torchrun, SLURM) until its timeout.
+        """
         if self._dataset is not None:
             return
-        self._dataset = build_dataset(self.name, self.root, **self.dataset_kwargs)
+        dataset = build_dataset(self.name, self.root, **self.dataset_kwargs)
         if self._is_global_zero():
-            log.info("%s", self._dataset.summary())
+            log.info("%s", dataset.summary())
+        if self.check_images:
+            paths = [path for split in SPLITS for path, _, _ in getattr(dataset, split)]
+            workers = max(1, self.num_workers)
+            start = time.perf_counter()
+            verify_images(paths, workers=workers)
+            if self._is_global_zero():
+                seconds = time.perf_counter() - start
+                log.info("checked %d images in %.1f s (%d threads)", len(paths), seconds, workers)
+        self._dataset = dataset
 
     def train_dataloader(self) -> DataLoader:
         return self._train_dataloader(*self._replicas())
@@ -129,14 +151,14 @@ class ReIDDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.query_gallery_dataloader(*self._replicas())
 
-    def validation_split_dataloader(self, num_images: int) -> DataLoader:
+    def validation_split_dataloader(self, num_images: int, *, image_size: Sequence[int] | None = None) -> DataLoader:
         """About `num_images` training images as a query/gallery set (queries first, flagged "is_query").
 
         Validation data for choices that must not see the test queries or any test label (e.g. the
         coarse-to-fine search's candidate counts); training identities never appear in the test splits. Whole
         identities are taken, evenly spaced, so each validation query finds its identity's other images among
         the validation gallery, as a test query does: per identity the first image of each camera is a query
-        and the rest is gallery.
+        and the rest is gallery. `image_size` (height, width) overrides the DataModule's.
         """
         if num_images < 1:
             raise ValueError(f"validation_split_dataloader needs num_images >= 1, got {num_images}")
@@ -152,10 +174,12 @@ class ReIDDataModule(pl.LightningDataModule):
             for sample in by_pid[pids[position]]:
                 (gallery if sample[2] in cameras else queries).append(sample)
                 cameras.add(sample[2])
-        images = ReIDImageDataset(
-            queries + gallery, build_test_transform(self.height, self.width), num_query=len(queries)
-        )
+        images = ReIDImageDataset(queries + gallery, self._test_transform(image_size), num_query=len(queries))
         return DataLoader(images, batch_size=self.test_batch_size, shuffle=False, **self._loader_options())
+
+    def _test_transform(self, image_size: Sequence[int] | None) -> Callable:
+        height, width = (self.height, self.width) if image_size is None else image_size
+        return build_test_transform(height, width)
 
     def _is_global_zero(self) -> bool:
         """Without a trainer (setup called by hand), the rank Lightning's launcher put in the environment."""
@@ -187,15 +211,16 @@ class ReIDDataModule(pl.LightningDataModule):
         images = ReIDImageDataset(train, build_train_transform(self.height, self.width))
         return DataLoader(images, batch_sampler=sampler, **self._loader_options())
 
-    def query_gallery_dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+    def query_gallery_dataloader(
+        self, num_replicas: int = 1, rank: int = 0, *, image_size: Sequence[int] | None = None
+    ) -> DataLoader:
         """Query then gallery images, unshuffled; item "index" is the position in that concatenation.
 
         With the defaults one process reads everything (checkpoint evaluation after a DDP run); with a world
-        size each rank reads its shard (validation).
+        size each rank reads its shard (validation). `image_size` (height, width) overrides the DataModule's.
         """
         samples = self.dataset.query + self.dataset.gallery
-        transform = build_test_transform(self.height, self.width)
-        images = ReIDImageDataset(samples, transform, num_query=self.num_query)
+        images = ReIDImageDataset(samples, self._test_transform(image_size), num_query=self.num_query)
         shard = None
         if num_replicas > 1:
             shard = DistributedSampler(images, num_replicas, rank, shuffle=False, drop_last=False)
