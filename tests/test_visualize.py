@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -196,6 +198,54 @@ def test_cli_errors_are_clear(compose_config, tiny_teacher, tmp_path):
     cfg = compose_config(f"ckpt={tmp_path / 'missing.ckpt'}", config_name="visualize")
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         visualize_checkpoint(cfg.ckpt, cfg, datamodule=datamodule)
+
+
+def test_cli_feeds_the_trained_image_size_unless_another_is_asked_for(
+    compose_config, tiny_teacher, tmp_path, monkeypatch
+):
+    from agw_light import evaluation
+    from agw_light.cli.visualize import visualize_checkpoint
+
+    teacher, datamodule = tiny_teacher
+    checkpoint = torch.load(teacher, weights_only=True)
+    checkpoint["hyper_parameters"]["image_size"] = (48, 24)  # the tiny dataset's DataModule is 64 x 32
+    trained = tmp_path / "trained_48x24.ckpt"
+    torch.save(checkpoint, trained)
+    sizes = []
+    extract = evaluation.extract_features
+
+    def recording(module, loader, device, **kwargs):
+        sizes.append({tuple(batch["image"].shape[-2:]) for batch in loader})
+        return extract(module, loader, device, **kwargs)
+
+    monkeypatch.setattr(evaluation, "extract_features", recording)
+    for override in ("image_size=null", "image_size=[32,16]"):
+        cfg = compose_config(
+            f"ckpt={trained}", "num_queries=1", "topk=2", "device=cpu", override, config_name="visualize"
+        )
+        visualize_checkpoint(cfg.ckpt, cfg, datamodule=datamodule, out_dir=tmp_path / "pictures")
+    assert sizes == [{(48, 24)}, {(32, 16)}]
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cli_refuses_a_checkpoint_holding_code_and_the_code_never_runs(compose_config, tmp_path):
+    from agw_light.cli.visualize import visualize_checkpoint
+
+    marker, crafted, out = tmp_path / "code-ran", tmp_path / "crafted.ckpt", tmp_path / "pictures"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+    cfg = compose_config(f"ckpt={crafted}", f"out={out}", config_name="visualize")
+    with pytest.raises(ValueError, match=r"checkpoint .*crafted\.ckpt cannot be read safely"):
+        visualize_checkpoint(cfg.ckpt, cfg)
+    assert not marker.exists() and not out.exists()
 
 
 def _tiny_module(datamodule):

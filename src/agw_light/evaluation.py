@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,43 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def check_image_size(image_size: Sequence[int], name: str = "image_size") -> tuple[int, int]:
+    """(height, width) as two positive integers, or an error naming the setting."""
+    values = list(image_size)
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{name}={image_size!r}: expected [height, width], two positive integers")
+    return values[0], values[1]
+
+
+def evaluation_image_size(
+    module: LitReID, requested: Sequence[int] | None, fallback: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(size to feed the model, size it was trained at or None): the requested size, else the trained one.
+
+    A model's numbers only hold at the input size it was trained at, so another size is used only when asked
+    for, and then logged. A checkpoint that records no size (written before it was recorded) is fed
+    `fallback`, the DataModule's size, with a warning.
+    """
+    recorded = module.hparams.get("image_size")
+    trained = check_image_size(recorded, "the checkpoint's image_size") if recorded else None
+    if requested is not None:
+        size = check_image_size(requested)
+        if trained is not None and size != trained:
+            log.warning(
+                "evaluating at image size %dx%d, not at the size the model was trained at, %dx%d", *size, *trained
+            )
+        return size, trained
+    if trained is None:
+        log.warning("the checkpoint records no training image size: evaluating at the DataModule's %dx%d", *fallback)
+        return fallback, None
+    return trained, trained
+
+
 def evaluate_checkpoint(
     ckpt_path: str | Path,
     datamodule: ReIDDataModule,
     *,
+    image_size: Sequence[int] | None = None,
     device: str = "auto",
     max_rank: int = 50,
     timing_batch_size: int = 64,
@@ -58,12 +92,19 @@ def evaluate_checkpoint(
     pyramid (rows 4-5, candidate counts fitted on a query/gallery split of training identities, never on
     test queries or labels). The reported R1/mAP/mINP are those of the ranking that index returns, and the
     search time is that index's. metrics.json goes beside the checkpoint unless `out_path` is given.
+
+    Images are resized to the checkpoint's training size, or to `image_size` (height, width) when given;
+    the row records the size used ("image_size", e.g. "256x128": height x width, a flat value like the
+    row's others) and, when it is not the training size, that one ("trained_image_size").
     """
     torch_device = pick_device(device)
     module = LitReID.from_checkpoint(ckpt_path)
     model = module.model
+    size, trained_size = evaluation_image_size(module, image_size, (datamodule.height, datamodule.width))
     datamodule.setup("test")
-    outputs = extract_features(module, datamodule.query_gallery_dataloader(), torch_device, desc="query + gallery")
+    outputs = extract_features(
+        module, datamodule.query_gallery_dataloader(image_size=size), torch_device, desc="query + gallery"
+    )
     features, pids, camids = outputs["features"], outputs["pids"], outputs["camids"]
     is_query = outputs["is_query"].bool()
     code_lengths = model.code_lengths
@@ -71,7 +112,7 @@ def evaluate_checkpoint(
     if code_lengths is not None and len(code_lengths) > 1:
         fit = extract_features(
             module,
-            datamodule.validation_split_dataloader(fit_images),
+            datamodule.validation_split_dataloader(fit_images, image_size=size),
             torch_device,
             desc="validation split (training ids)",
         )
@@ -93,7 +134,10 @@ def evaluate_checkpoint(
         "neck": hparams.model.get("neck", "bnneck"),
         "distilled": hparams.get("teacher_sha256") is not None,
         "index": index.kind,
+        "image_size": "x".join(map(str, size)),
     }
+    if trained_size is not None and size != trained_size:
+        row["trained_image_size"] = "x".join(map(str, trained_size))
     if isinstance(index, CoarseToFineIndex):
         query = features[is_query]
         results = evaluate_coarse_to_fine(
@@ -119,7 +163,7 @@ def evaluate_checkpoint(
         row.update(feature_dim=int(features.shape[1]), metric=model.distance)
     with torch.inference_mode():
         inference_ms = time_inference(
-            module, height=datamodule.height, width=datamodule.width, device=torch_device, batch_size=timing_batch_size
+            module, height=size[0], width=size[1], device=torch_device, batch_size=timing_batch_size
         )
     row.update(
         results,

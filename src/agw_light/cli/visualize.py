@@ -2,7 +2,8 @@
 
 Writes one PNG per query, `query_<i>_pid<pid>.png` (i: the query's position in the query set), with its
 top-k gallery images framed green (true match) or red and their distances, plus all rows in
-`ranked_lists.png`, into `out` (default: ranked_lists/ beside the checkpoint).
+`ranked_lists.png`, into `out` (default: ranked_lists/ beside the checkpoint). Images are resized to the
+size the model was trained at (recorded in the checkpoint) unless `image_size=[h,w]` asks for another.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ def visualize_checkpoint(
     """Draws the ranked lists of `cfg.num_queries` queries; returns the PNG paths (the combined one last).
 
     The ranking is the one the evaluation scores: the model's validation feature and distance (a code
-    pyramid's full-length level under Hamming), the protocol's junk removed.
+    pyramid's full-length level under Hamming), the protocol's junk removed, at the evaluation's image size.
     """
     # Imported here, not at the top, so that `--help` and `--cfg job` answer without loading torch.
     from agw_light.builders import build_datamodule
-    from agw_light.evaluation import extract_features, pick_device
+    from agw_light.evaluation import evaluation_image_size, extract_features, pick_device
     from agw_light.lit.module import LitReID
     from agw_light.visualization import pick_positions, ranked_list_pictures, save_png_atomic, stack_rows
 
@@ -38,12 +39,16 @@ def visualize_checkpoint(
     if datamodule is None:
         datamodule = build_datamodule(cfg)
         datamodule.prepare_data()
+    requested = cfg.image_size
+    size, _ = evaluation_image_size(
+        module, None if requested is None else list(requested), (datamodule.height, datamodule.width)
+    )
     datamodule.setup("test")
     dataset = datamodule.dataset
     _check_count("num_queries", cfg.num_queries, len(dataset.query), f"the {dataset.name} query set's size")
     _check_count("topk", cfg.topk, len(dataset.gallery), f"the {dataset.name} gallery's size")
 
-    samples = extract_features(module, datamodule.query_gallery_dataloader(), pick_device(cfg.device))
+    samples = extract_features(module, datamodule.query_gallery_dataloader(image_size=size), pick_device(cfg.device))
     samples["features"] = module.model.ranking_features(samples["features"])
     positions = pick_positions(len(dataset.query), cfg.num_queries, seed=cfg.get("query_seed"))
     pictures = ranked_list_pictures(

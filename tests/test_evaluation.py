@@ -1,0 +1,101 @@
+"""The evaluate command: the image size it feeds the model, and checkpoints it must refuse."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from agw_light import evaluation
+from agw_light.cli.evaluate import evaluate
+
+TRAINED_SIZE = [48, 24]  # the tiny configs' dataset is 64 x 32: evaluation must not take that size
+ON_CPU = ["device=cpu"]
+
+
+@pytest.fixture
+def checkpoint_trained_at(compose_config, tmp_path):
+    """An untrained ResNet-18 checkpoint of the tiny dataset (8 training ids), built as training builds it from
+    a config with dataset.height/width = TRAINED_SIZE."""
+    from agw_light.builders import build_module
+
+    height, width = TRAINED_SIZE
+    cfg = compose_config("model.backbone=resnet18", f"dataset.height={height}", f"dataset.width={width}")
+    torch.manual_seed(0)
+    module = build_module(cfg, num_classes=8)
+    path = tmp_path / "trained.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def fed_sizes(monkeypatch) -> dict[str, set[tuple[int, int]]]:
+    """(height, width) of every image batch the evaluation feeds the model, and of its timed batch (not
+    timed here: the tests check sizes, not speed)."""
+    sizes: dict[str, set[tuple[int, int]]] = {"images": set(), "timing": set()}
+    extract = evaluation.extract_features
+
+    def recording_extract(module, loader, device, *, desc="extracting features"):
+        sizes["images"].update(tuple(batch["image"].shape[-2:]) for batch in loader)
+        return extract(module, loader, device, desc=desc)
+
+    def recording_timing(module, *, height, width, device, batch_size=64):
+        sizes["timing"].add((height, width))
+        return 1.0
+
+    monkeypatch.setattr(evaluation, "extract_features", recording_extract)
+    monkeypatch.setattr(evaluation, "time_inference", recording_timing)
+    return sizes
+
+
+def test_evaluate_feeds_the_trained_size_unless_another_is_asked_for(
+    compose_config, checkpoint_trained_at, fed_sizes, tmp_path, caplog
+):
+    out = tmp_path / "metrics.json"
+    cfg = compose_config(f"ckpt={checkpoint_trained_at}", f"out={out}", *ON_CPU, config_name="evaluate")
+    assert (cfg.dataset.height, cfg.dataset.width) == (64, 32)
+    row = evaluate(cfg)
+    assert fed_sizes == {"images": {tuple(TRAINED_SIZE)}, "timing": {tuple(TRAINED_SIZE)}}
+    assert row["image_size"] == "48x24" and "trained_image_size" not in row
+    assert json.loads(out.read_text())["image_size"] == "48x24"
+
+    for recorded in fed_sizes.values():
+        recorded.clear()
+    cfg = compose_config(
+        f"ckpt={checkpoint_trained_at}", f"out={out}", "image_size=[64,32]", *ON_CPU, config_name="evaluate"
+    )
+    with caplog.at_level(logging.WARNING, logger="agw_light"):
+        row = evaluate(cfg)
+    assert fed_sizes == {"images": {(64, 32)}, "timing": {(64, 32)}}
+    assert (row["image_size"], row["trained_image_size"]) == ("64x32", "48x24")
+    written = json.loads(out.read_text())
+    assert (written["image_size"], written["trained_image_size"]) == ("64x32", "48x24")
+    assert "evaluating at image size 64x32, not at the size the model was trained at, 48x24" in caplog.text
+
+
+def test_a_bad_image_size_is_named(compose_config, checkpoint_trained_at):
+    cfg = compose_config(f"ckpt={checkpoint_trained_at}", "image_size=[64]", *ON_CPU, config_name="evaluate")
+    with pytest.raises(ValueError, match=r"image_size=\[64\]: expected \[height, width\]"):
+        evaluate(cfg)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_evaluate_refuses_a_checkpoint_holding_code_and_the_code_never_runs(compose_config, tmp_path):
+    marker, crafted, out = tmp_path / "code-ran", tmp_path / "crafted.ckpt", tmp_path / "metrics.json"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+    cfg = compose_config(f"ckpt={crafted}", f"out={out}", *ON_CPU, config_name="evaluate")
+    with pytest.raises(ValueError, match=r"checkpoint .*crafted\.ckpt cannot be read safely"):
+        evaluate(cfg)
+    assert not marker.exists() and not out.exists()
