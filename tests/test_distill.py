@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -119,6 +120,42 @@ def test_teacher_errors_fail_before_training(tiny_teacher, compose_config, tmp_p
         LitReID(model=model, losses=losses, num_classes=8)
     with pytest.raises(ValueError, match="changed since"):
         LitReID(model=model, losses=losses, num_classes=8, teacher_ckpt=str(teacher_path), teacher_sha256="0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("neck", "code_lengths", "head"), [("hash", [64], "HashHead"), ("pyramid", [64, 32], "CodePyramidHead")]
+)
+def test_a_code_head_teacher_is_refused_at_construction_naming_both_heads(tmp_path, neck, code_lengths, head):
+    torch.manual_seed(0)
+    coded = LitReID(
+        model={"backbone": "resnet18", "pretrained": "none", "neck": neck, "code_lengths": code_lengths},
+        losses=[{"name": "ce", "type": "cross_entropy", "weight": 1.0, "output": "logits_64"}],
+        num_classes=8,
+    )
+    path = tmp_path / f"{neck}.ckpt"
+    torch.save({"hyper_parameters": dict(coded.hparams), "state_dict": coded.state_dict()}, path)
+    losses = [*CE_WRT, {"name": "kd", "type": "kd_kl", "output": "logits", "target": "teacher_logits"}]
+    with pytest.raises(ValueError, match=rf"{neck}.ckpt has a {head}; .* of a BNNeckHead"):
+        LitReID(model={"backbone": "resnet18", "pretrained": "none"}, losses=losses, num_classes=8, teacher_ckpt=path)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_teacher_checkpoint_holding_code_is_refused_and_the_code_never_runs(compose_config, tmp_path):
+    marker, crafted = tmp_path / "code-ran", tmp_path / "crafted.ckpt"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+    cfg = compose_config(*SMALL, "light=model", f"light.teacher_ckpt={crafted}")
+    with pytest.raises(ValueError, match=r"checkpoint .*crafted\.ckpt cannot be read safely"):
+        train(cfg)
+    assert not marker.exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_light_model_without_a_trained_teacher_says_how_to_get_one(compose_config, tmp_path):
