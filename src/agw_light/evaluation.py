@@ -171,10 +171,10 @@ def evaluate_checkpoint(
         search_ms_per_query=time_search(index, features[is_query]),
         device=describe_device(torch_device),
     )
-    log.info("%s", format_summary(row))
     out_path = Path(out_path) if out_path is not None else Path(ckpt_path).with_name("metrics.json")
     write_metrics(out_path, row)
-    log.info("wrote %s", out_path)
+    # The summary starts on its own line, so its header and values stay aligned under the log prefix.
+    log.info("wrote %s:\n%s", out_path, format_summary(row))
     return row
 
 
