@@ -1,25 +1,39 @@
-"""Atomic file writes and content hashes: what a user keeps appears whole under its final name or not at all.
+"""Atomic file writes, folder locks and content hashes: what a user keeps appears whole under its final name or
+not at all, and one run at a time writes into a folder.
 
-Every output a user keeps (metrics.json, error.txt, results.md/csv, plots, ranked lists) goes through here, so
-an interrupted run never leaves half a file in place of a good one.
+Every output a user keeps (checkpoints, metrics.json, error.txt, results.md/csv, plots, ranked lists) goes
+through here, so an interrupted run never leaves half a file in place of a good one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
+import sys
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+# write_atomic's temp files: ".<final name>.<12 hex digits>.tmp" beside the final file.
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Calls `write` on a temp file beside `path`, then renames it over `path`.
+    """Calls `write` on a temp file beside `path`, flushes it to disk, then renames it over `path`.
 
-    The temp file is opened with mode 0o666 (less the umask), not mkstemp's owner-only 0o600, so shared
-    results stay readable as ordinary files are.
+    The temp file lives in the target folder, so the rename never crosses a filesystem (a cross-device move
+    copies and can be cut short). The data is fsynced before the rename and the folder after it, so a crash
+    or power loss leaves the old file or the new one, never a truncated one. On any failure (full disk,
+    interrupt) the temp file is removed and the previous file stays. The temp file is opened with mode 0o666
+    (less the umask), not mkstemp's owner-only 0o600, so shared results stay readable as ordinary files are.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,11 +42,68 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` durable (the folder entry is what a crash would otherwise lose)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:  # some filesystems (e.g. a few network mounts) refuse fsync on a directory
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Removes write_atomic temp files a killed process left anywhere under `folder`; returns them.
+
+    Only safe while the caller holds the folder's lock (`hold_folder_lock`): another writer's temp file is
+    indistinguishable from a stale one.
+    """
+    stale = [path for path in Path(folder).rglob(".*.tmp") if _TEMP_NAME.match(path.name) and path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class FolderLocked(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def hold_folder_lock(folder: str | Path, name: str = ".lock") -> Iterator[Path]:
+    """Holds an exclusive lock on `folder` (flock on `folder/name`) until the block ends or the process dies.
+
+    A second holder fails at once with FolderLocked naming the folder and the holding process (pid, host,
+    command, start time, which the holder writes into the lock file). The lock file is left in place: removing
+    it would let a process that opened it before the removal lock a file nobody else sees.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / name
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "it has not named itself yet"
+            raise FolderLocked(f"{folder} is in use by another run ({holder}); lock file {lock_path}") from None
+        os.ftruncate(fd, 0)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.pwrite(fd, f"{holder}: {' '.join(sys.argv)}\n".encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
