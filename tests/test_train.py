@@ -158,6 +158,26 @@ def test_resume_from_missing_file_is_a_clear_error(compose_config, tmp_path):
         train(cfg)
 
 
+def test_an_unusable_resume_file_is_named_with_what_is_wrong(compose_config, tmp_path):
+    """A file cut short (a kill or a full disk during an old, non-atomic save) or one without training state
+    fails before training starts, naming the file, instead of Lightning's bare EOFError or IndexError."""
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.ckpt"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    weights_only = tmp_path / "weights.ckpt"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}}, weights_only)
+    for path, problem in (
+        (empty, "cannot be read safely .*truncated"),
+        (truncated, "cannot be read safely .*truncated"),
+        (weights_only, "holds weights but no training state \\(missing epoch, global_step, loops"),
+    ):
+        cfg = compose_config(*SMALL, f"resume={path}", output_dir=tmp_path / path.stem)
+        with pytest.raises(ValueError, match=f"resume={path}: .*{problem}"):
+            train(cfg)
+
+
 def _event_accumulator(log_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agw_light.data.datamodule import ReIDDataModule
+from agw_light.lit.checkpoint import read_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
 
@@ -50,7 +50,7 @@ def build_module(cfg: DictConfig, num_classes: int) -> LitReID:
     if teacher_ckpt is not None:
         teacher_ckpt = str(resolve_teacher_checkpoint(teacher_ckpt))
         if cfg.resume is not None:
-            resumed = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+            resumed = read_checkpoint(cfg.resume)  # an unreadable file is an error that names it
             teacher_sha256 = resumed["hyper_parameters"].get("teacher_sha256")
     return LitReID(
         model=OmegaConf.to_container(cfg.model, resolve=True),
