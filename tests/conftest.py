@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,33 @@ def tiny_teacher(compose_config, tmp_path):
     path = tmp_path / "teacher.ckpt"
     torch.save({"hyper_parameters": dict(teacher.hparams), "state_dict": teacher.state_dict()}, path)
     return path, datamodule
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def crafted_checkpoint(tmp_path) -> tuple[Path, Path]:
+    """(crafted.ckpt, marker): a checkpoint-shaped file whose unpickling would create `marker`."""
+    marker, crafted = tmp_path / "code-ran", tmp_path / "crafted.ckpt"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+    return crafted, marker
+
+
+def assert_same_training_state(expected: Path, actual: Path) -> None:
+    """Two Lightning checkpoints hold the same step, weights and Adam moments (float32 tolerance)."""
+    a = torch.load(expected, map_location="cpu", weights_only=True)
+    b = torch.load(actual, map_location="cpu", weights_only=True)
+    assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"] > 0
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, msg=name)
+    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for key in state_a:
+        torch.testing.assert_close(state_b[key]["exp_avg"], state_a[key]["exp_avg"])

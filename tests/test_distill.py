@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -139,19 +138,10 @@ def test_a_code_head_teacher_is_refused_at_construction_naming_both_heads(tmp_pa
         LitReID(model={"backbone": "resnet18", "pretrained": "none"}, losses=losses, num_classes=8, teacher_ckpt=path)
 
 
-class _RunsCode:
-    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
-
-    def __init__(self, marker) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_a_teacher_checkpoint_holding_code_is_refused_and_the_code_never_runs(compose_config, tmp_path):
-    marker, crafted = tmp_path / "code-ran", tmp_path / "crafted.ckpt"
-    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+def test_a_teacher_checkpoint_holding_code_is_refused_and_the_code_never_runs(
+    compose_config, crafted_checkpoint, tmp_path
+):
+    crafted, marker = crafted_checkpoint
     cfg = compose_config(*SMALL, "light=model", f"light.teacher_ckpt={crafted}")
     with pytest.raises(ValueError, match=r"checkpoint .*crafted\.ckpt cannot be read safely"):
         train(cfg)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import pytest
 import torch
@@ -82,19 +81,10 @@ def test_a_bad_image_size_is_named(compose_config, checkpoint_trained_at):
         evaluate(cfg)
 
 
-class _RunsCode:
-    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
-
-    def __init__(self, marker) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_evaluate_refuses_a_checkpoint_holding_code_and_the_code_never_runs(compose_config, tmp_path):
-    marker, crafted, out = tmp_path / "code-ran", tmp_path / "crafted.ckpt", tmp_path / "metrics.json"
-    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+def test_evaluate_refuses_a_checkpoint_holding_code_and_the_code_never_runs(
+    compose_config, crafted_checkpoint, tmp_path
+):
+    (crafted, marker), out = crafted_checkpoint, tmp_path / "metrics.json"
     cfg = compose_config(f"ckpt={crafted}", f"out={out}", *ON_CPU, config_name="evaluate")
     with pytest.raises(ValueError, match=r"checkpoint .*crafted\.ckpt cannot be read safely"):
         evaluate(cfg)

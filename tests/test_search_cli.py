@@ -112,20 +112,10 @@ def test_query_needs_a_model_and_refuses_an_old_separate_model_record(built_inde
         _query(index, image, capsys)
 
 
-class _RunsCode:
-    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_a_checkpoint_holding_code_is_refused_by_build_and_query(built_index, gallery_folder, tmp_path, capsys):
-    marker = tmp_path / "code-ran"
-    crafted = tmp_path / "crafted.ckpt"
-    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+def test_a_checkpoint_holding_code_is_refused_by_build_and_query(
+    built_index, gallery_folder, crafted_checkpoint, tmp_path, capsys
+):
+    crafted, marker = crafted_checkpoint
     with pytest.raises(ValueError, match="crafted.ckpt"):
         main(["build", f"ckpt={crafted}", f"gallery={gallery_folder}", f"out={tmp_path / 'new'}", "device=cpu"])
     assert not (tmp_path / "new").exists()

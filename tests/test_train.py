@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
+from conftest import assert_same_training_state
 
 from agw_light.builders import build_datamodule
 from agw_light.cli.train import train
@@ -92,15 +92,10 @@ def test_resume_continues_exactly(compose_config, tmp_path):
     )
     train(resumed)
 
-    a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=False)
-    b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
-    assert a["global_step"] == b["global_step"] > 0
-    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
-    for name, value in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][name], value, msg=name)
-    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    for key in state_a:
-        torch.testing.assert_close(state_b[key]["exp_avg"], state_a[key]["exp_avg"])
+    straight, resumed = tmp_path / "straight/checkpoints/last.ckpt", tmp_path / "resumed/checkpoints/last.ckpt"
+    assert_same_training_state(straight, resumed)
+    schedules = [torch.load(path, weights_only=True)["lr_schedulers"][0]["last_epoch"] for path in (straight, resumed)]
+    assert schedules[0] == schedules[1]
 
 
 @pytest.mark.slow
@@ -133,20 +128,8 @@ def test_bad_checkpoints_are_named(tmp_path):
         LitReID.from_checkpoint(foreign)
 
 
-class _RunsCode:
-    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
-
-    def __init__(self, marker) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_a_checkpoint_holding_code_is_refused_and_the_code_never_runs(tmp_path):
-    marker = tmp_path / "code-ran"
-    crafted = tmp_path / "crafted.ckpt"
-    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+def test_a_checkpoint_holding_code_is_refused_and_the_code_never_runs(crafted_checkpoint):
+    crafted, marker = crafted_checkpoint
     with pytest.raises(ValueError, match="crafted.ckpt"):
         LitReID.from_checkpoint(crafted)
     assert not marker.exists()

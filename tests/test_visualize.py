@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -227,21 +225,10 @@ def test_cli_feeds_the_trained_image_size_unless_another_is_asked_for(
     assert sizes == [{(48, 24)}, {(32, 16)}]
 
 
-class _RunsCode:
-    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
-
-    def __init__(self, marker) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_cli_refuses_a_checkpoint_holding_code_and_the_code_never_runs(compose_config, tmp_path):
+def test_cli_refuses_a_checkpoint_holding_code_and_the_code_never_runs(compose_config, crafted_checkpoint, tmp_path):
     from agw_light.cli.visualize import visualize_checkpoint
 
-    marker, crafted, out = tmp_path / "code-ran", tmp_path / "crafted.ckpt", tmp_path / "pictures"
-    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+    (crafted, marker), out = crafted_checkpoint, tmp_path / "pictures"
     cfg = compose_config(f"ckpt={crafted}", f"out={out}", config_name="visualize")
     with pytest.raises(ValueError, match=r"checkpoint .*crafted\.ckpt cannot be read safely"):
         visualize_checkpoint(cfg.ckpt, cfg)
