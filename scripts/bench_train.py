@@ -111,14 +111,16 @@ def write_teacher(args: argparse.Namespace, workdir: Path, num_classes: int) -> 
     return path
 
 
-def fit(cfg, num_classes: int, batches, *, steps: int, warmup: int, device: torch.device, amp: bool) -> dict:
+def fit(
+    cfg, num_classes: int, batches, *, steps: int, warmup: int, device: torch.device, amp: bool, amp_precision: str
+) -> dict:
     """`steps` real training steps of the row; images/s, steps/s, peak memory and losses."""
     from agw_light.builders import build_module
 
     torch.manual_seed(0)
     module = build_module(cfg, num_classes)
     timer = StepTimer(warmup, steps, device)
-    precision = ("16-mixed" if device.type == "cuda" else "bf16-mixed") if amp else "32-true"
+    precision = amp_precision if amp else "32-true"
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=[device.index or 0] if device.type == "cuda" else 1,
@@ -175,6 +177,13 @@ def pipeline_images_per_s(dataset, count: int) -> float:
         torch.set_num_threads(threads)
 
 
+def default_amp_precision(device: torch.device) -> str:
+    """bf16 where the GPU supports it (no loss scaling), else fp16; bf16 on the CPU (Lightning's CPU AMP)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "16-mixed"
+    return "bf16-mixed"
+
+
 def variant_name(amp: bool, channels_last: bool) -> str:
     return f"amp={'on' if amp else 'off'},channels_last={'on' if channels_last else 'off'}"
 
@@ -212,13 +221,14 @@ def run(args: argparse.Namespace) -> dict:
             cfg = compose(args, row, workdir, f"light.teacher_ckpt={write_teacher(args, workdir, num_classes)}")
 
         def row_cfg(variant_channels_last: bool):
-            if variant_channels_last == bool(cfg.model.channels_last):
-                return cfg
+            """The row's config with channels_last set explicitly (the config's own may be a device-dependent auto)."""
             variant = copy.deepcopy(cfg)
             variant.model.channels_last = variant_channels_last
             return variant
 
-        timing = dict(steps=args.steps, warmup=args.warmup, device=device)
+        amp_precision = args.amp_precision or default_amp_precision(device)
+        result["amp_precision"] = amp_precision
+        timing = dict(steps=args.steps, warmup=args.warmup, device=device, amp_precision=amp_precision)
         if "synthetic" in args.modes:
             result["synthetic"] = {}
             for variant in args.variants:
@@ -286,6 +296,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     toggle = argparse.BooleanOptionalAction
     parser.add_argument("--amp", action=toggle, help="real-pipeline variant (default: on for CUDA)")
     parser.add_argument("--channels-last", action=toggle, help="real-pipeline variant (default: on for CUDA)")
+    parser.add_argument(
+        "--amp-precision",
+        choices=["16-mixed", "bf16-mixed"],
+        help="AMP's Lightning precision (default: bf16 if supported)",
+    )
     parser.add_argument("--pipeline-images", type=int, default=200, help="images for the per-worker figure (0: off)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides of the row's config")
     parser.add_argument("--json", type=Path, help="also write the results here")

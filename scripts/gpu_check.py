@@ -140,16 +140,13 @@ def markdown(report: dict) -> str:
         "|---|---|---|---:|---:|---:|",
     ]
     for row, result in report["train"].items():
-        for variant, figures in result.get("synthetic", {}).items():
+        feeds = [("synthetic", variant, figures) for variant, figures in result.get("synthetic", {}).items()]
+        feeds.append((f"real, {result['workers']} workers", result["real"]["variant"], result["real"]))
+        for feed, variant, figures in feeds:
             lines.append(
-                f"| {row} | synthetic | {variant} | {figures['images_per_s']:.1f} | {figures['steps_per_s']:.2f} "
-                f"| {figures['peak_memory_mb']:.0f} |"
+                f"| {row} | {feed} | {variant} ({figures['precision']}) | {figures['images_per_s']:.1f} "
+                f"| {figures['steps_per_s']:.2f} | {figures['peak_memory_mb']:.0f} |"
             )
-        real = result["real"]
-        lines.append(
-            f"| {row} | real, {result['workers']} workers | {real['variant']} | {real['images_per_s']:.1f} "
-            f"| {real['steps_per_s']:.2f} | {real['peak_memory_mb']:.0f} |"
-        )
     lines += [""]
     for row, result in report["train"].items():
         lines.append(
