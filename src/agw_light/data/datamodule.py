@@ -12,6 +12,7 @@ training instead of at the loader that first reaches it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,13 @@ from agw_light.data.transforms import build_test_transform, build_train_transfor
 
 SYNTHETIC = "synthetic"
 log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or job's share, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class ReIDImageDataset(Dataset):
@@ -65,6 +73,9 @@ class ReIDDataModule(pl.LightningDataModule):
     is the input size of the training and test transforms; the query/gallery and validation-split loaders
     take another `image_size` (a checkpoint evaluated at the size it was trained at). `check_images` decodes
     every image at setup with `max(1, num_workers)` threads and lists all unreadable ones in one error.
+    `num_workers` is capped at the cores available: more workers than cores only compete with the training
+    step (and PyTorch warns). `pin_memory` is for a CUDA run (faster host-to-GPU copies); workers persist
+    across epochs whenever there are any.
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class ReIDDataModule(pl.LightningDataModule):
         seed: int = 0,
         dataset_kwargs: dict | None = None,
         check_images: bool = True,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
@@ -90,7 +102,11 @@ class ReIDDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_instances = num_instances
         self.test_batch_size = test_batch_size
-        self.num_workers = num_workers
+        cores = available_cores()
+        if num_workers > cores:
+            log.info("num_workers=%d capped at the %d CPU cores available", num_workers, cores)
+        self.num_workers = min(num_workers, cores)
+        self.pin_memory = pin_memory
         self.seed = seed
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.check_images = check_images
@@ -194,7 +210,7 @@ class ReIDDataModule(pl.LightningDataModule):
     def _loader_options(self) -> dict:
         return {
             "num_workers": self.num_workers,
-            "pin_memory": torch.cuda.is_available(),
+            "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
         }
 
