@@ -6,13 +6,51 @@ Commands call these; the library below takes plain arguments and never sees a co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agw_light.data.datamodule import ReIDDataModule
 from agw_light.lit.checkpoint import read_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
+
+# Lightning accelerators that pick a CUDA GPU when there is one.
+CUDA_ACCELERATORS = ("auto", "gpu", "cuda")
+
+
+def runs_on_cuda(cfg: DictConfig) -> bool:
+    """Whether the run computes on a CUDA GPU: `trainer.accelerator` for training, `device` for the other commands."""
+    accelerator = cfg.get("trainer", {}).get("accelerator")  # evaluate/visualize: a dataset's trainer keys only
+    if accelerator is not None:
+        return str(accelerator) in CUDA_ACCELERATORS and torch.cuda.is_available()
+    wanted = str(cfg.get("device", "auto"))
+    return wanted.startswith("cuda") or (wanted == "auto" and torch.cuda.is_available())
+
+
+def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """Lightning Trainer keyword arguments of `trainer`, with `precision: auto` resolved.
+
+    auto is mixed precision on CUDA (bf16 where the GPU supports it: no loss scaling, same range as float32,
+    else float16) and 32-true elsewhere, where the CPU's autocast would change the numbers for no sure gain.
+    """
+    arguments = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if arguments.get("precision") == "auto":
+        if runs_on_cuda(cfg):
+            arguments["precision"] = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        else:
+            arguments["precision"] = "32-true"
+    return arguments
+
+
+def model_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """LitReID's `model`: build_model's arguments plus its `compile` and `channels_last` options, auto resolved
+    here (on when the run trains on CUDA, where NHWC convolutions are faster; off on the CPU)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("channels_last") == "auto":
+        model["channels_last"] = runs_on_cuda(cfg)
+    return model
 
 
 def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
@@ -29,6 +67,7 @@ def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
         seed=cfg.seed,
         dataset_kwargs=OmegaConf.to_container(cfg.dataset.kwargs, resolve=True),
         check_images=cfg.dataset.check_images,
+        pin_memory=runs_on_cuda(cfg),
     )
 
 
@@ -53,7 +92,7 @@ def build_module(cfg: DictConfig, num_classes: int) -> LitReID:
             resumed = read_checkpoint(cfg.resume)  # an unreadable file is an error that names it
             teacher_sha256 = resumed["hyper_parameters"].get("teacher_sha256")
     return LitReID(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
+        model=model_arguments(cfg),
         losses=loss_entries(cfg),
         num_classes=num_classes,
         **OmegaConf.to_container(cfg.optim, resolve=True),

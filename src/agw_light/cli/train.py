@@ -7,8 +7,11 @@ With no overrides it runs the quick CPU demo on the generated dataset. Everythin
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import resource
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ LOCK_NAME = ".train.lock"
 RESTARTABLE = (LOCK_NAME, ".hydra", "error.txt")
 # Environment variables that give a launched process its rank (torchrun, Lightning's launcher, SLURM, LSF).
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -52,7 +56,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from agw_light.builders import build_datamodule, build_module
+    from agw_light.builders import build_datamodule, build_module, trainer_arguments
     from agw_light.evaluation import evaluate_checkpoint
     from agw_light.lit.callbacks import RankedListLogger, RNGStateCheckpoint
     from agw_light.lit.checkpointing import AtomicCheckpointIO, StopOnSignal, check_resumable
@@ -87,7 +91,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
     stop = StopOnSignal()
     trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_arguments(cfg),
         default_root_dir=str(out_dir),
         logger=TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=""),
         callbacks=[
@@ -185,11 +189,23 @@ def record_failure(out_dir: Path, error: BaseException) -> None:
 def main(cfg: DictConfig) -> None:
     from agw_light.lit.checkpointing import TrainingInterrupted
 
+    started = time.perf_counter()
     try:
         train(cfg)
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)  # 130 (SIGINT) or 143 (SIGTERM), as a shell reports a signalled job
+    log_run_cost(started)
+
+
+def log_run_cost(started: float) -> None:
+    """Logs the run's wall time and CPU time (user + sys of this process and its finished loader workers).
+
+    CPU time compares machines better than wall time, which depends on what else runs beside the job.
+    """
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+    log.info("run took %.0f s wall time, %.0f s CPU time", time.perf_counter() - started, cpu)
 
 
 if __name__ == "__main__":

@@ -61,10 +61,14 @@ def module_arguments(hparams: dict[str, Any]) -> dict[str, Any]:
     return {**hparams, "model": model, "losses": losses, "teacher_ckpt": None}
 
 
+# Keys of LitReID's `model` dict that are LitReID's own options, not build_model's arguments.
+LIT_MODEL_OPTIONS = ("channels_last", "compile")
+
+
 def network_from_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> ReIDModel:
     """The checkpoint's ReIDModel alone (no loss stack, no Lightning), with every weight key matched."""
     hparams = checkpoint["hyper_parameters"]
-    model_kwargs = {key: value for key, value in hparams["model"].items() if key != "channels_last"}
+    model_kwargs = {key: value for key, value in hparams["model"].items() if key not in LIT_MODEL_OPTIONS}
     weights = {
         name.removeprefix("model."): value
         for name, value in checkpoint["state_dict"].items()

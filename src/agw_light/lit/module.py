@@ -39,7 +39,10 @@ class LitReID(pl.LightningModule):
 
     `image_size` (height, width) is only recorded, so tools that embed new images with a checkpoint (the
     search CLI) resize them as in training. `distance` overrides the model's own retrieval distance (see
-    `agw_light.models.ReIDModel`); None keeps it.
+    `agw_light.models.ReIDModel`); None keeps it. Besides build_model's arguments, `model` takes two options
+    of this module: `channels_last` (True, False, or "auto": on when CUDA is available) and `compile`, which
+    compiles the network's forward with `torch.compile` in place (`nn.Module.compile`), so its weight names and
+    checkpoints stay those of the eager model; a module rebuilt from a checkpoint runs eagerly.
     """
 
     def __init__(
@@ -62,10 +65,14 @@ class LitReID(pl.LightningModule):
     ) -> None:
         super().__init__()
         model_kwargs = dict(model)
-        self.channels_last = bool(model_kwargs.pop("channels_last", False))
+        channels_last = model_kwargs.pop("channels_last", False)
+        self.channels_last = torch.cuda.is_available() if channels_last == "auto" else bool(channels_last)
+        compile_model = bool(model_kwargs.pop("compile", False))
         self.model = build_model(num_classes=num_classes, distance=distance, **model_kwargs)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if compile_model:
+            self.model.compile()
         self.loss_stack = build_loss_stack(list(losses), num_classes=num_classes)
         self.val_metric = ReIDMetric(distance=self.model.distance, max_rank=max_rank)
         # A plain attribute, not a submodule: see agw_light.lit.teacher for why.
@@ -91,7 +98,8 @@ class LitReID(pl.LightningModule):
         """
         checkpoint = read_checkpoint(path, map_location)
         with rebuilding(path):
-            module = cls(**module_arguments(checkpoint["hyper_parameters"]))
+            arguments = module_arguments(checkpoint["hyper_parameters"])
+            module = cls(**{**arguments, "model": {**arguments["model"], "compile": False}})
             module.load_state_dict(checkpoint["state_dict"], strict=True)
         return module.eval()
 
