@@ -36,7 +36,7 @@ def test_two_process_ddp_validation_matches_single_process(tmp_path, synthetic_c
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
-    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     callback_states = [s for k, s in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
     ddp_map = float(callback_states[0]["best_model_score"])
     single = json.loads((run_dir / "metrics.json").read_text())
