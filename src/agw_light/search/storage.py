@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -46,6 +47,10 @@ MANIFEST = "manifest.json"
 SAVE_LOCK = ".save.lock"
 READ_LOCK = ".read.lock"
 # What saves create in an index folder; anything else there is someone else's file.
+# np.load parses each .npy header with ast.literal_eval, and CPython before 3.11.8 (gh-106905) can fail with
+# "SystemError: AST constructor recursion depth mismatch" when threads parse at once: loads of one process
+# read their arrays one at a time (a load is I/O and checksums, seconds at most, not a hot path).
+_NPY_READ = threading.Lock()
 _OWN_PREFIXES = ("data-", ".tmp-", f".{MANIFEST}.")
 _OWN_NAMES = (MANIFEST, SAVE_LOCK, READ_LOCK)
 
@@ -332,7 +337,8 @@ def _load_arrays_and_restore(cls: type[Storable], manifest_path: Path, manifest:
                 f"{path}: checksum mismatch (sha256 {digest}, {manifest_path} records {entry['sha256']}); "
                 "the file is corrupted"
             )
-        arrays[name] = np.load(path, allow_pickle=False)
+        with _NPY_READ:
+            arrays[name] = np.load(path, allow_pickle=False)
     try:
         index = cls.restore(manifest, arrays)
     except ValueError as error:
