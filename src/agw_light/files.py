@@ -48,11 +48,11 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Makes a rename in `folder` durable (the folder entry is what a crash would otherwise lose)."""
     fd = os.open(folder, os.O_RDONLY)
     try:

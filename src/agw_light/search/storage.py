@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -39,6 +38,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from agw_light.files import file_sha256, fsync_folder
 from agw_light.search.metadata import GalleryMetadata
 
 FORMAT = "agw_light.search.index"
@@ -122,7 +122,7 @@ def save(index: Storable, directory: str | Path, record: Mapping[str, Any] | Non
             manifest_tmp.unlink(missing_ok=True)
             shutil.rmtree(directory / data_dir, ignore_errors=True)
             raise
-        _fsync_path(directory)
+        fsync_folder(directory)
         _remove_leftovers(directory, keep=data_dir)
     index.record = record
     return directory
@@ -223,7 +223,7 @@ def _write_data(directory: Path, data_dir: str, arrays: dict[str, np.ndarray]) -
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
     try:
         files = {name: _write_array(staging / f"{name}.npy", array) for name, array in arrays.items()}
-        _fsync_path(staging)
+        fsync_folder(staging)
         os.rename(staging, directory / data_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -278,26 +278,10 @@ def _write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
     return {
         "file": path.name,
         "bytes": path.stat().st_size,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "dtype": array.dtype.str,
         "shape": list(array.shape),
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _read_manifest(manifest_path: Path) -> dict[str, Any]:
@@ -331,7 +315,7 @@ def _load_arrays_and_restore(cls: type[Storable], manifest_path: Path, manifest:
             raise ValueError(
                 f"{path}: {size} bytes, expected {entry['bytes']} as {manifest_path} records (truncated or replaced)"
             )
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != entry["sha256"]:
             raise ValueError(
                 f"{path}: checksum mismatch (sha256 {digest}, {manifest_path} records {entry['sha256']}); "
