@@ -53,8 +53,11 @@ def model_arguments(cfg: DictConfig) -> dict[str, Any]:
     return model
 
 
-def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
-    """The DataModule of a config's dataset and loader sections (train, evaluate and visualize share it)."""
+def build_datamodule(cfg: DictConfig, *, holdout_images: int = 0) -> ReIDDataModule:
+    """The DataModule of a config's dataset and loader sections (train, evaluate and visualize share it).
+
+    `holdout_images` training images (whole identities) are kept out of training for validation.
+    """
     return ReIDDataModule(
         name=cfg.dataset.name,
         root=str(Path(cfg.dataset.root).expanduser()),
@@ -68,7 +71,23 @@ def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
         dataset_kwargs=OmegaConf.to_container(cfg.dataset.kwargs, resolve=True),
         check_images=cfg.dataset.check_images,
         pin_memory=runs_on_cuda(cfg),
+        holdout_images=holdout_images,
     )
+
+
+# eval.select: how a training run chooses the checkpoint it reports (and rows 2 and 5 distil from).
+SELECTIONS = ("last", "val_split")
+
+
+def holdout_images(cfg: DictConfig) -> int:
+    """Training images held out for checkpoint selection: eval.val_images with eval.select=val_split, else 0."""
+    select = cfg.eval.select
+    if select not in SELECTIONS:
+        raise ValueError(
+            f"eval.select={select!r}: expected 'last' (report the final epoch) or 'val_split' (the best val/mAP "
+            "on training identities held out of training); a checkpoint is never chosen on the test split"
+        )
+    return int(cfg.eval.val_images) if select == "val_split" else 0
 
 
 def loss_entries(cfg: DictConfig) -> list[dict]:
