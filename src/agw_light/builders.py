@@ -138,7 +138,8 @@ def _parser_kwargs(node: DictConfig) -> dict:
 
 def dataset_parts(dataset: DictConfig) -> list[DictConfig]:
     """The dataset nodes a run trains on: itself, or for a combination (`names`) each named config with the
-    combination's image size, `root` when set, and its entry in `overrides` applied."""
+    combination's image size, `root` when set, and its entry in `overrides` (a mapping merged into it, or a
+    list of ``key=value`` strings) applied."""
     names = dataset.get("names")
     if names is None:
         return [dataset]
@@ -155,7 +156,21 @@ def dataset_parts(dataset: DictConfig) -> list[DictConfig]:
     shared = [f"++height={dataset.height}", f"++width={dataset.width}"]
     if dataset.get("root") is not None:
         shared.append(f"root={dataset.root}")
-    return [dataset_config(name, [*shared, *overrides.get(name, [])]) for name in names]
+    parts = []
+    for name in names:
+        own = overrides.get(name)
+        if isinstance(own, DictConfig):
+            part = dataset_config(name, shared)
+            try:
+                part.merge_with(own)
+            except ConfigKeyError as error:
+                raise ValueError(
+                    f"dataset.overrides.{name}: {error.msg} (dataset/{name}.yaml lacks that key)"
+                ) from error
+        else:
+            part = dataset_config(name, [*shared, *(own or [])])
+        parts.append(part)
+    return parts
 
 
 def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
