@@ -472,3 +472,43 @@ def test_combined_config_errors_name_the_key(compose):
         build_datamodule(compose("dataset=combined", "dataset.names=[]"))
     with pytest.raises(ValueError, match="dataset.overrides names msmt17, which dataset.names"):
         build_datamodule(compose("dataset=combined", "dataset.overrides={msmt17: ['root=/x']}"))
+
+
+@pytest.mark.slow
+def test_one_epoch_on_combined_datasets_without_camera_ids_trains_and_evaluates(compose, tmp_path):
+    """The whole run: the class count is the sum of both training sets, and the final evaluation on the first
+    dataset's test split (no camera ids) keeps every query, whose matches are its identity's other images."""
+    import torch
+
+    from agw_light.cli.train import train
+
+    folders = {
+        "train": {pid: [f"{pid}_{n}.jpg" for n in range(4)] for pid in (1, 2, 3, 4)},
+        "query": {pid: [f"q{pid}.jpg"] for pid in (8, 9)},
+        "gallery": {pid: [f"g{pid}_{n}.jpg" for n in range(3)] for pid in (8, 9)},
+    }
+    write_identity_folders(tmp_path / "folders", folders)
+    write_lists(
+        tmp_path / "lists", {**LISTS_WITHOUT_CAMERAS, "train": "".join(f"t/{n}.jpg {n // 4}\n" for n in range(8))}
+    )
+    cfg = compose(
+        "dataset=combined",
+        "dataset.names=[image_folders,image_list]",
+        f"+dataset.overrides.image_folders.root={tmp_path / 'folders'}",
+        f"+dataset.overrides.image_list.root={tmp_path / 'lists'}",
+        "loader.batch_size=8",
+        "loader.num_instances=4",
+        "model.backbone=resnet18",
+        "model.pretrained=none",
+        "trainer.accelerator=cpu",
+        "+trainer.enable_progress_bar=false",
+        "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.log_every_n_steps=1",
+        "visualize.num_queries=0",
+        "visualize.embedding_size=0",
+    )
+    row = train(cfg)
+    assert row["num_valid_queries"] == 2
+    state = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert state["hyper_parameters"]["num_classes"] == 4 + 2
