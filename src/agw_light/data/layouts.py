@@ -45,7 +45,7 @@ def _dataset_root(root: str | Path, layout: str, expected: str) -> str:
 def _read_list(list_path: str, root: str) -> list[tuple[int, LayoutSample]]:
     """(line number, sample) of every data line of one list file."""
     rows = []
-    with open(list_path, encoding="utf-8") as lines:
+    with open(list_path, encoding="utf-8-sig") as lines:  # a BOM (some editors write one) is not part of the path
         for line_number, line in enumerate(lines, start=1):
             text = line.strip()
             if not text or text.startswith("#"):
