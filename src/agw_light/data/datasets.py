@@ -464,13 +464,17 @@ def register_dataset(name: str, parser: Parser, *, replace: bool = False) -> Non
             f"dataset name {name!r} is built in ({', '.join(BUILT_IN_DATASETS)}); register yours under another"
         )
     known = PARSERS.get(name)
-    same = known is not None and (known.__module__, known.__qualname__) == (parser.__module__, parser.__qualname__)
+    # The same function again, e.g. from a module imported twice (a reload makes a new function object).
+    same = known is parser or (known is not None and _qualified_name(known) == _qualified_name(parser))
     if known is not None and not same and not replace:
         raise ValueError(
-            f"dataset name {name!r} is already registered to {known.__module__}.{known.__qualname__}; pass "
-            "replace=True to replace it"
+            f"dataset name {name!r} is already registered to {_qualified_name(known)}; pass replace=True to replace it"
         )
     PARSERS[name] = parser
+
+
+def _qualified_name(function: Callable) -> str:
+    return f"{getattr(function, '__module__', None)}.{getattr(function, '__qualname__', repr(function))}"
 
 
 def import_dataset_modules(modules: Sequence[str]) -> None:
