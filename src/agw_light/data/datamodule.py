@@ -28,7 +28,15 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from agw_light.data.datasets import SPLITS, ReIDDataset, Sample, build_dataset, verify_images
+from agw_light.data.datasets import (
+    SPLITS,
+    DatasetSource,
+    ReIDDataset,
+    Sample,
+    combine_datasets,
+    import_dataset_modules,
+    verify_images,
+)
 from agw_light.data.samplers import PKSampler
 from agw_light.data.transforms import build_test_transform, build_train_transform
 
@@ -73,9 +81,12 @@ class ReIDImageDataset(Dataset):
 
 
 class ReIDDataModule(pl.LightningDataModule):
-    """A re-id benchmark ("market1501", "dukemtmcreid", "msmt17" or the generated "synthetic") as loaders.
+    """A re-id dataset (built in, e.g. "market1501" or the generated "synthetic", or registered) as loaders.
 
-    `dataset_kwargs` go to `build_dataset` (for "synthetic": the generator's parameters). `height` x `width`
+    `dataset_kwargs` go to `build_dataset` (for "synthetic": the generator's parameters). `register` names
+    modules imported before the dataset is built, which register parsers of one's own (each process imports
+    them, whatever launched it). `also_train` are more datasets whose training splits join this one's
+    (`combine_datasets`: labels offset per dataset); query and gallery stay this dataset's. `height` x `width`
     is the input size of the training and test transforms; the query/gallery and validation-split loaders
     take another `image_size` (a checkpoint evaluated at the size it was trained at). `check_images` decodes
     every image at setup with `max(1, num_workers)` threads and lists all unreadable ones in one error.
@@ -101,6 +112,8 @@ class ReIDDataModule(pl.LightningDataModule):
         check_images: bool = True,
         pin_memory: bool = False,
         holdout_images: int = 0,
+        register: Sequence[str] = (),
+        also_train: Sequence[DatasetSource] = (),
     ) -> None:
         super().__init__()
         self.name = name
@@ -121,6 +134,8 @@ class ReIDDataModule(pl.LightningDataModule):
         if holdout_images < 0:
             raise ValueError(f"holdout_images={holdout_images}: expected 0 (none) or a positive image count")
         self.holdout_images = holdout_images
+        self.register = list(register)
+        self.sources = [DatasetSource(name, root, self.dataset_kwargs), *also_train]
         self._dataset: ReIDDataset | None = None
         self._held_out: tuple[list[Sample], list[Sample]] | None = None
 
@@ -141,13 +156,15 @@ class ReIDDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generates the synthetic set (Lightning calls this on one process per node); checks real roots."""
-        if self.name == SYNTHETIC:
-            build_dataset(self.name, self.root, **self.dataset_kwargs)
-        elif not Path(self.root).expanduser().is_dir():
-            raise FileNotFoundError(
-                f"dataset root {self.root!r} for {self.name!r} does not exist; download the dataset and set "
-                "dataset.root to the folder that holds it"
-            )
+        import_dataset_modules(self.register)
+        for source in self.sources:
+            if source.name == SYNTHETIC:
+                source.build()
+            elif not Path(source.root).expanduser().is_dir():
+                raise FileNotFoundError(
+                    f"dataset root {source.root!r} for {source.name!r} does not exist; download the dataset and set "
+                    "dataset.root to the folder that holds it"
+                )
 
     def setup(self, stage: str | None = None) -> None:
         """Parses (and checks) the dataset once; later calls (Lightning calls setup per stage) reuse it.
@@ -157,7 +174,8 @@ class ReIDDataModule(pl.LightningDataModule):
         """
         if self._dataset is not None:
             return
-        dataset = build_dataset(self.name, self.root, **self.dataset_kwargs)
+        import_dataset_modules(self.register)
+        dataset = combine_datasets([source.build() for source in self.sources])
         if self._is_global_zero():
             log.info("%s", dataset.summary())
         if self.check_images:
@@ -295,7 +313,8 @@ def identity_split(train: Sequence[Sample], num_images: int) -> tuple[list[Sampl
     """(queries, gallery) of about `num_images` training images, whole identities, evenly spaced by label.
 
     Each query finds its identity's other images in the gallery, as a test query does: per identity the
-    first image of each camera is a query and the rest is gallery.
+    first image of each camera is a query and the rest is gallery; an identity that would keep no gallery
+    image that way (each image under a camera of its own, as without camera ids) gets one query, its first.
     """
     if num_images < 1:
         raise ValueError(f"a validation split needs num_images >= 1, got {num_images}")
@@ -307,8 +326,13 @@ def identity_split(train: Sequence[Sample], num_images: int) -> tuple[list[Sampl
     queries: list[Sample] = []
     gallery: list[Sample] = []
     for position in torch.linspace(0, len(pids) - 1, wanted).round().long().unique().tolist():
-        cameras: set[int] = set()
-        for sample in by_pid[pids[position]]:
-            (gallery if sample[2] in cameras else queries).append(sample)
-            cameras.add(sample[2])
+        samples = by_pid[pids[position]]
+        first_of_camera: dict[int, int] = {}
+        for index, (_, _, camid) in enumerate(samples):
+            first_of_camera.setdefault(camid, index)
+        chosen = set(first_of_camera.values())
+        if len(chosen) == len(samples):  # each image under a camera of its own (no camera ids): one query
+            chosen = {0}
+        queries += [sample for index, sample in enumerate(samples) if index in chosen]
+        gallery += [sample for index, sample in enumerate(samples) if index not in chosen]
     return queries, gallery
