@@ -43,8 +43,9 @@ DEFAULT_LAMBDA = 0.3
 # Query (and, for the neighbour lists, all) rows whose distances to all points exist at once: 512 x 94k float32
 # is 190 MB at MSMT17 size.
 DEFAULT_BLOCK_SIZE = 512
-# (query entry, gallery entry) pairs scattered at once into the Jaccard sums: about 40 bytes each.
-DEFAULT_PAIR_BUDGET = 1 << 23
+# (query entry, gallery entry) pairs scattered at once into the Jaccard sums (about 40 bytes each), and the
+# entries of the dense (rows x gallery) sums they are scattered into.
+DEFAULT_PAIR_BUDGET = 1 << 22
 # Elements of the neighbour-list steps' temporaries (index arrays, gathered feature rows).
 STEP_ELEMENTS = 1 << 22
 
@@ -100,22 +101,41 @@ def rerank_blocks(
     check_rerank_settings(k1, k2, lambda_value)
     _check_positive(block_size, "block_size")
     _check_positive(pair_budget, "pair_budget")
-    query, gallery = prepare_features(query, metric).cpu(), prepare_features(gallery, metric).cpu()
-    if query.shape[1] != gallery.shape[1]:
-        raise ValueError(
-            f"query and gallery must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}"
-        )
-    if len(query) == 0 or len(gallery) == 0:
-        raise ValueError(f"re-ranking needs queries and gallery items, got {len(query)} and {len(gallery)}")
+    points = _prepared_points(query, gallery, metric)
     num_query = len(query)
-    points = torch.cat([query, gallery])
-    del query, gallery
     squared_norms = (points * points).sum(1)
     neighbours, row_max = _nearest_neighbours(points, squared_norms, max(k1 + 1, k2), block_size)
     weights = _k_reciprocal_weights(points, squared_norms, row_max, neighbours, k1)
     if k2 > 1:
         weights = _local_query_expansion(weights, neighbours[:, : min(k2, neighbours.shape[1])])
     return _final_blocks(points, squared_norms, row_max, weights, num_query, lambda_value, block_size, pair_budget)
+
+
+def _prepared_points(query: Any, gallery: Any, metric: str) -> torch.Tensor:
+    """Query then gallery rows after `prepare_features`, on the CPU, prepared a chunk at a time into one tensor
+    (not whole copies of both)."""
+    query, gallery = (_as_tensor(features, name) for features, name in ((query, "query"), (gallery, "gallery")))
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"query and gallery must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}"
+        )
+    if len(query) == 0 or len(gallery) == 0:
+        raise ValueError(f"re-ranking needs queries and gallery items, got {len(query)} and {len(gallery)}")
+    dtype = torch.promote_types(prepare_features(query[:1], metric).dtype, prepare_features(gallery[:1], metric).dtype)
+    points = torch.empty(len(query) + len(gallery), query.shape[1], dtype=dtype)
+    step = max(1, STEP_ELEMENTS // query.shape[1])
+    for offset, features in ((0, query), (len(query), gallery)):
+        for start in range(0, len(features), step):
+            chunk = features[start : start + step]
+            points[offset + start : offset + start + len(chunk)] = prepare_features(chunk, metric).cpu()
+    return points
+
+
+def _as_tensor(features: Any, name: str) -> torch.Tensor:
+    tensor = features.detach() if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must have shape (num_items, feature_dim), got {list(tensor.shape)}")
+    return tensor
 
 
 def _distance_block(points: torch.Tensor, squared_norms: torch.Tensor, rows: slice, columns: slice) -> torch.Tensor:
@@ -268,19 +288,22 @@ def _final_blocks(
         entry_row = np.repeat(np.arange(rows.stop - rows.start), np.diff(weights.indptr[rows.start : rows.stop + 1]))
         entry_pairs = column_sizes[entry_columns]
         row_pairs = np.cumsum(np.bincount(entry_row, weights=entry_pairs, minlength=rows.stop - rows.start))
+        rows_per_chunk = max(1, pair_budget // num_gallery)  # bounds the chunk's dense (rows, gallery) sums
         chunk_start = 0
         while chunk_start < len(row_pairs):
             done = row_pairs[chunk_start - 1] if chunk_start else 0
-            chunk_stop = max(chunk_start + 1, int(np.searchsorted(row_pairs, done + pair_budget, side="right")))
+            chunk_stop = int(np.searchsorted(row_pairs, done + pair_budget, side="right"))
+            chunk_stop = max(chunk_start + 1, min(chunk_stop, chunk_start + rows_per_chunk))
             in_chunk = (entry_row >= chunk_start) & (entry_row < chunk_stop)
             sizes = entry_pairs[in_chunk]
             positions = _ranges(by_column.indptr[entry_columns[in_chunk]], sizes)
             smaller = np.minimum(np.repeat(entry_values[in_chunk], sizes), by_column.values[positions])
             slots = np.repeat(entry_row[in_chunk] - chunk_start, sizes) * num_gallery + by_column.indices[positions]
+            del positions
             overlap = np.bincount(slots, weights=smaller, minlength=(chunk_stop - chunk_start) * num_gallery)
-            jaccard = 1 - overlap / (2 - overlap)
-            block[chunk_start:chunk_stop] += torch.from_numpy(
-                (1 - lambda_value) * jaccard.reshape(chunk_stop - chunk_start, num_gallery)
-            ).float()
+            del smaller, slots
+            overlap = torch.from_numpy(overlap).float().view(chunk_stop - chunk_start, num_gallery)
+            overlap /= 2 - overlap  # the Jaccard similarity: the sum of minima over the sum of maxima
+            block[chunk_start:chunk_stop].add_(overlap, alpha=lambda_value - 1).add_(1 - lambda_value)
             chunk_start = chunk_stop
         yield rows, block
