@@ -3,6 +3,7 @@
     python scripts/bench_rerank.py                          # Market-1501 size: 3,368 x 15,913, with the dense one
     python scripts/bench_rerank.py --msmt --query-fraction 0.1   # MSMT17 size: 11,659 x 82,161
     python scripts/bench_rerank.py --sizes 30 90 --dim 16   # any size (the smoke test's)
+    python scripts/bench_rerank.py --msmt --stage1-rows 2048  # only the first stage, on 2,048 of the points
 
 Features are random (seeded) 2048-d unit vectors. `rerank_blocks` first builds the neighbour lists and
 k-reciprocal vectors of all query + gallery points ("setup": every point against every point), then yields
@@ -13,6 +14,11 @@ blocks are computed and the blocks' time is extrapolated linearly to all queries
 The dense implementation (--dense, on by default at Market size) is the usual one, written after the
 authors' code: P x P float32 distances and argsort, dense float16 V, a per-point Python loop; its result is
 compared with ours (float16 V limits agreement to about 1e-3).
+
+--stage1-rows N times only the first stage (each point's distances to all points, their maximum and top-k, one
+block of rows at a time, as `rerank_blocks` does it with the library's own block function) on the first N
+points; every block does the same work, so the time is extrapolated linearly to all points. It lets a
+machine too slow for the whole first stage at 2048-d (every point against every point) measure it in part.
 
 Peak memory is the growth of the process's peak resident set size during the call: the kernel's high-water
 mark (VmHWM in /proc/self/status) is reset through /proc/self/clear_refs once the features exist and read
@@ -98,6 +104,23 @@ def dense_rerank(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int =
     return final
 
 
+def first_stage(query: torch.Tensor, gallery: torch.Tensor, rows: int) -> dict:
+    """The first stage of `rerank_blocks` on the first `rows` points, timed and extrapolated to all of them."""
+    from agw_light.metrics import rerank
+
+    points = torch.cat([query, gallery])
+    squared_norms = (points * points).sum(1)
+    rows = min(rows, len(points))
+    start = time.perf_counter()
+    for first in range(0, rows, rerank.DEFAULT_BLOCK_SIZE):
+        block_rows = slice(first, min(first + rerank.DEFAULT_BLOCK_SIZE, rows))
+        block = rerank._distance_block(points, squared_norms, block_rows, slice(0, len(points)))
+        block.max(1)
+        torch.topk(block, rerank.DEFAULT_K1 + 1, dim=1, largest=False, sorted=True)
+    seconds = time.perf_counter() - start
+    return {"rows_measured": rows, "seconds_measured": seconds, "seconds": seconds * len(points) / rows}
+
+
 def _measure(kind: str, sizes: tuple[int, int], dim: int, fraction: float, result_queue) -> None:
     """One implementation in this (fresh) process: seconds, peak memory growth, and a sample of its output."""
     from agw_light.metrics import rerank_blocks
@@ -107,7 +130,9 @@ def _measure(kind: str, sizes: tuple[int, int], dim: int, fraction: float, resul
     sample_rows = min(8, sizes[0])
     rss_kb = _reset_peak()
     start = time.perf_counter()
-    if kind == "dense":
+    if kind.startswith("first_stage"):
+        figures = first_stage(query, gallery, int(kind.split(":")[1]))
+    elif kind == "dense":
         final = dense_rerank(query.numpy(), gallery.numpy())
         figures = {"seconds": time.perf_counter() - start, "sample": final[:sample_rows].tolist()}
     else:
@@ -151,6 +176,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--query-fraction", type=float, default=1.0, help="query blocks computed (extrapolated)")
     parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=None, help="also the dense one")
+    parser.add_argument("--stage1-rows", type=int, help="only time the first stage on this many points")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     sizes = tuple(args.sizes) if args.sizes else MSMT if args.msmt else MARKET
@@ -158,6 +184,15 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{sizes[0]:,} queries x {sizes[1]:,} gallery, {args.dim}-d, k1=20 k2=6 lambda=0.3")
     report = {"sizes": list(sizes), "dim": args.dim, "threads": torch.get_num_threads()}
+    if args.stage1_rows:
+        report["first_stage"] = stage = measure(f"first_stage:{args.stage1_rows}", sizes, args.dim)
+        print(
+            f"first stage: {stage['seconds_measured']:.1f} s for {stage['rows_measured']:,} points, "
+            f"{stage['seconds']:.0f} s extrapolated to all, peak +{stage['peak_mb']:.0f} MB"
+        )
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return
     report["blockwise"] = ours = measure("blockwise", sizes, args.dim, args.query_fraction)
     print(
         f"blockwise: {ours['seconds']:.1f} s (setup {ours['setup_seconds']:.1f} s, blocks "
