@@ -36,3 +36,23 @@ def test_gpu_check_runs_end_to_end_at_tiny_sizes(tmp_path):
     assert {"batched_ms", "single_ms", "recall_at_1", "device_exact_float_batched_ms"} <= set(report["search"])
     assert len(report["loss"]["losses"]) == 6 and isinstance(report["loss"]["loss_falls"], bool)
     assert (out / "gpu_check.md").read_text().startswith("# GPU check: cpu")
+
+
+def test_bench_rerank_runs_and_agrees_with_the_dense_implementation(tmp_path):
+    """scripts/bench_rerank.py at a tiny size: both implementations measured, and their distances agree up to
+    the dense one's float16 vectors."""
+    out = tmp_path / "rerank.json"
+    environment = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_rerank.py"), "--sizes", "12", "40", "--dim", "8", "--dense"]
+        + ["--json", str(out)],
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sizes"] == [12, 40] and report["blockwise"]["queries_measured"] == 12
+    for figures in (report["blockwise"], report["dense"]):
+        assert figures["seconds"] > 0 and figures["peak_mb"] >= 0
+    assert report["max_abs_difference_of_sample_rows"] < 5e-3

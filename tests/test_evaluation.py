@@ -89,3 +89,66 @@ def test_evaluate_refuses_a_checkpoint_holding_code_and_the_code_never_runs(
     with pytest.raises(ValueError, match=r"checkpoint .*crafted\.ckpt cannot be read safely"):
         evaluate(cfg)
     assert not marker.exists() and not out.exists()
+
+
+def test_rerank_ranks_the_reranked_distances_and_records_its_settings(
+    compose_config, checkpoint_trained_at, fed_sizes, tmp_path, monkeypatch
+):
+    """eval.rerank=true: the metrics are those of `rerank_blocks`' distances of the extracted features, fed
+    through the evaluation's blocks; metrics.json and the report say so."""
+    from agw_light.metrics import evaluate_rank, rerank_blocks
+    from agw_light.results import read_metrics, rerank_text
+
+    extracted = []
+    recording_extract = evaluation.extract_features  # fed_sizes' recorder: it also consumes the loader once
+
+    def keeping_extract(module, loader, device, *, desc="extracting features"):
+        extracted.append(recording_extract(module, loader, device, desc=desc))
+        return extracted[-1]
+
+    monkeypatch.setattr(evaluation, "extract_features", keeping_extract)
+    out = tmp_path / "metrics.json"
+    settings = ["eval.rerank=true", "eval.rerank_k1=5", "eval.rerank_k2=2", "eval.rerank_lambda=0.4"]
+    row = evaluate(
+        compose_config(f"ckpt={checkpoint_trained_at}", f"out={out}", *settings, *ON_CPU, config_name="evaluate")
+    )
+
+    outputs = extracted[0]
+    is_query = outputs["is_query"].bool()
+    blocks = rerank_blocks(outputs["features"][is_query], outputs["features"][~is_query], k1=5, k2=2, lambda_value=0.4)
+    expected = evaluate_rank(
+        torch.cat([block for _, block in blocks]),
+        outputs["pids"][is_query],
+        outputs["pids"][~is_query],
+        outputs["camids"][is_query],
+        outputs["camids"][~is_query],
+    )
+    assert row["mAP"] == pytest.approx(expected["mAP"]) and row["mINP"] == pytest.approx(expected["mINP"])
+    assert row["R1"] == pytest.approx(expected["cmc"][0])
+    written = read_metrics(out)
+    assert (written["rerank"], written["rerank_k1"], written["rerank_k2"], written["rerank_lambda"]) == (
+        True,
+        5,
+        2,
+        0.4,
+    )
+    assert rerank_text(written) == "k1=5 k2=2 lambda=0.4"
+    assert rerank_text({key: value for key, value in written.items() if key != "rerank"}) == "off"
+
+
+def test_rerank_settings_and_coarse_to_fine_are_refused_by_name(compose_config, checkpoint_trained_at, tmp_path):
+    cfg = compose_config(
+        f"ckpt={checkpoint_trained_at}", "eval.rerank=true", "eval.rerank_k2=0", *ON_CPU, config_name="evaluate"
+    )
+    with pytest.raises(ValueError, match="eval.rerank_k2=0: expected an integer >= 1"):
+        evaluate(cfg)
+
+    from agw_light.builders import build_module
+
+    pyramid_cfg = compose_config("model.backbone=resnet18", "model.neck=pyramid", "model.code_lengths=[64,32]")
+    module = build_module(pyramid_cfg, num_classes=8)
+    pyramid = tmp_path / "pyramid.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, pyramid)
+    cfg = compose_config(f"ckpt={pyramid}", "eval.rerank=true", *ON_CPU, config_name="evaluate")
+    with pytest.raises(ValueError, match="eval.rerank=true: .*pyramid.ckpt has a code pyramid.*eval.rerank=false"):
+        evaluate(cfg)

@@ -416,3 +416,22 @@ def test_interrupted_write_keeps_the_previous_file_whole(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # readable like any file the user writes
+
+
+def test_reranked_rows_are_marked_and_rows_without_the_key_read_as_not_reranked(tmp_path):
+    root = tmp_path / "multirun"
+    settings = {"rerank": True, "rerank_k1": 20, "rerank_k2": 6, "rerank_lambda": 0.3}
+    make_run(root, "full", metrics={**ROWS["full"][5], **settings}, curves=False)
+    make_run(root, "feat", curves=False)  # a metrics.json written before re-ranking existed
+    bad = make_run(root, "model", metrics={**ROWS["model"][5], "rerank": True, "rerank_k1": 20}, curves=False)
+
+    assert main([str(root)]) == 1  # the damaged row fails alone
+
+    assert {entry["light"]: entry["rerank"] for entry in _read_csv(root / "results.csv")} == {
+        "full": "k1=20 k2=6 lambda=0.3",
+        "feat": "off",
+    }
+    markdown = (root / "results.md").read_text()
+    assert "| 2048 | cosine + re-ranking (k1=20 k2=6 lambda=0.3) | 25.08 M | 0.945 |" in markdown
+    assert "| 2048 | hamming | 25.08 M | 0.942 |" in markdown
+    assert f"{bad / 'metrics.json'}: key rerank_k2 is None, expected int" in markdown

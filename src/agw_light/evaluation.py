@@ -20,7 +20,8 @@ from torch import nn
 from agw_light.data.datamodule import ReIDDataModule
 from agw_light.files import file_sha256
 from agw_light.lit.module import LitReID
-from agw_light.metrics import RankAccumulator, evaluate_retrieval
+from agw_light.metrics import RankAccumulator, evaluate_retrieval, rerank_blocks
+from agw_light.metrics.rerank import check_rerank_settings
 from agw_light.models import NonLocalBlock
 from agw_light.results import format_summary, write_metrics
 from agw_light.search import CoarseToFineIndex, HammingIndex, build_index
@@ -84,6 +85,10 @@ def evaluate_checkpoint(
     timing_batch_size: int = 64,
     fit_images: int = 1000,
     target_recall: float = 0.99,
+    rerank: bool = False,
+    rerank_k1: int = 20,
+    rerank_k2: int = 6,
+    rerank_lambda: float = 0.3,
     out_path: str | Path | None = None,
     selection: str = "given",
 ) -> dict[str, Any]:
@@ -100,10 +105,25 @@ def evaluate_checkpoint(
     row's others) and, when it is not the training size, that one ("trained_image_size"). `selection` says
     how the checkpoint was chosen ("last epoch", "best val/mAP ...", or "given" by the user), and
     "parameters" counts the network's parameters (classifier included, as the published counts do).
+
+    `rerank=True` ranks the exhaustive rows (float cosine, exact Hamming) by k-reciprocal re-ranking
+    (`agw_light.metrics.rerank_blocks`) with k1, k2 and lambda; its original distance is the row's own
+    (cosine or Hamming, scaled per query by the query's largest distance). A coarse-to-fine index never
+    computes most distances, which re-ranking needs, so it is refused there. The row records "rerank" and,
+    when on, the three settings; the search time stays the index's, without re-ranking.
     """
+    if rerank:
+        check_rerank_settings(
+            rerank_k1, rerank_k2, rerank_lambda, names=("eval.rerank_k1", "eval.rerank_k2", "eval.rerank_lambda")
+        )
     torch_device = pick_device(device)
     module = LitReID.from_checkpoint(ckpt_path)
     model = module.model
+    if rerank and model.code_lengths is not None and len(model.code_lengths) > 1:
+        raise ValueError(
+            f"eval.rerank=true: {ckpt_path} has a code pyramid, searched coarse-to-fine, which never computes "
+            f"most query x gallery distances; k-reciprocal re-ranking needs them all. Set eval.rerank=false"
+        )
     size, trained_size = evaluation_image_size(module, image_size, (datamodule.height, datamodule.width))
     datamodule.setup("test")
     outputs = extract_features(
@@ -167,11 +187,32 @@ def evaluate_checkpoint(
             # The exact scan of the full-length codes, timed like the row's search: the speed-up's baseline.
             exact_search_ms_per_query=time_search(exact, model.ranking_features(query)),
         )
+    elif rerank:
+        results = evaluate_reranked(
+            model.ranking_features(features),
+            pids,
+            camids,
+            is_query,
+            distance=model.distance,
+            max_rank=max_rank,
+            k1=rerank_k1,
+            k2=rerank_k2,
+            lambda_value=rerank_lambda,
+        )
+        row.update(
+            feature_dim=int(features.shape[1]),
+            metric=model.distance,
+            rerank=True,
+            rerank_k1=rerank_k1,
+            rerank_k2=rerank_k2,
+            rerank_lambda=rerank_lambda,
+        )
     else:
         results = evaluate_features(
             model.ranking_features(features), pids, camids, is_query, distance=model.distance, max_rank=max_rank
         )
         row.update(feature_dim=int(features.shape[1]), metric=model.distance)
+    row.setdefault("rerank", False)
     with torch.inference_mode():
         inference_ms = time_inference(
             module, height=size[0], width=size[1], device=torch_device, batch_size=timing_batch_size
@@ -242,6 +283,31 @@ def evaluate_coarse_to_fine(
     for rows, block in index.ranking_distances(query_codes):
         accumulator.add(torch.from_numpy(block), q_pids[rows], q_camids[rows])
     return summarize_ranking(accumulator.result(), num_query=len(query_codes), num_gallery=index.ntotal)
+
+
+def evaluate_reranked(
+    features: torch.Tensor,
+    pids: torch.Tensor,
+    camids: torch.Tensor,
+    is_query: torch.Tensor,
+    *,
+    distance: str = "cosine",
+    max_rank: int = 50,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> dict[str, float]:
+    """`evaluate_features` on the k-reciprocal re-ranked distances, fed block by block to the accumulator."""
+    if max_rank < 10:
+        raise ValueError(f"eval.max_rank={max_rank}: must be at least 10 to report R10")
+    is_query = is_query.bool()
+    q_pids, q_camids = pids[is_query], camids[is_query]
+    accumulator = RankAccumulator(pids[~is_query], camids[~is_query], max_rank)
+    for rows, block in rerank_blocks(
+        features[is_query], features[~is_query], metric=distance, k1=k1, k2=k2, lambda_value=lambda_value
+    ):
+        accumulator.add(block, q_pids[rows], q_camids[rows])
+    return summarize_ranking(accumulator.result(), num_query=len(q_pids), num_gallery=int((~is_query).sum()))
 
 
 def summarize_ranking(result: dict[str, Any], *, num_query: int, num_gallery: int) -> dict[str, float]:

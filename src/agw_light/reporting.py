@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agw_light.files import write_atomic, write_text_atomic
-from agw_light.results import TABLE_ROWS, read_metrics, table_place
+from agw_light.results import TABLE_ROWS, read_metrics, rerank_text, table_place
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,18 @@ METRIC_COLUMNS = (
     "selection",
     "checkpoint_sha256",
 )
-CSV_COLUMNS = ("dataset", "row", "light", "model_res18", "light_feature", "light_search", *METRIC_COLUMNS, "run_dir")
+# "rerank": "off", or the k-reciprocal re-ranking's settings ("k1=20 k2=6 lambda=0.3").
+CSV_COLUMNS = (
+    "dataset",
+    "row",
+    "light",
+    "model_res18",
+    "light_feature",
+    "light_search",
+    *METRIC_COLUMNS,
+    "rerank",
+    "run_dir",
+)
 ACCURACY_PLOT = "accuracy_vs_search_time.png"
 # val/mAP: held-out training ids (eval.select=val_split); test/mAP: the test split, monitored only.
 CURVE_TAGS = ("train/loss", "val/mAP", "test/mAP")
@@ -226,6 +237,7 @@ def _csv_text(rows: Sequence[RunRow]) -> str:
             "backbone": run.backbone,
             "run_dir": str(run.run_dir.resolve()),
             **{key: run.metrics[key] for key in METRIC_COLUMNS},
+            "rerank": rerank_text(run.metrics),
             "model_res18": run.model_res18,
             "light_feature": run.light_feature,
             "light_search": run.light_search,
@@ -261,7 +273,7 @@ def _markdown_text(
                 _tick(run.light_feature),
                 _tick(run.light_search),
                 _feature_dim_text(m["feature_dim"]),
-                m["metric"],
+                m["metric"] + ("" if rerank_text(m) == "off" else f" + re-ranking ({rerank_text(m)})"),
                 f"{m['parameters'] / 1e6:.2f} M",
                 f"{m['R1']:.3f}",
                 f"{m['mAP']:.3f}",

@@ -41,6 +41,9 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "search_ms_per_query": (int, float),
     "device": (str,),
 }
+# Optional: whether the ranking was k-reciprocal re-ranked (bool) and, when it was, these settings. Rows written
+# before re-ranking existed lack the key and read as not re-ranked.
+RERANK_FIELDS: dict[str, tuple[type, ...]] = {"rerank_k1": (int,), "rerank_k2": (int,), "rerank_lambda": (int, float)}
 # The terminal's two-line summary of a row.
 SUMMARY_COLUMNS = ("feature_dim", "metric", "R1", "mAP", "mINP", "inference_ms_per_batch64", "search_ms_per_query")
 # The seed table's rows by (light model, light feature, light search).
@@ -58,14 +61,29 @@ def check_row(row: Any, source: str | Path) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise ValueError(f"{source}: expected a JSON object of the table row, got {type(row).__name__}")
     for key, expected in FIELDS.items():
-        value = row.get(key)
-        number_expected = bool not in expected
-        if not isinstance(value, expected) or (number_expected and isinstance(value, bool)):
-            names = " or ".join(kind.__name__ for kind in expected)
-            raise ValueError(f"{source}: key {key} is {value!r}, expected {names}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{source}: key {key} is {value}, expected a finite number")
+        _check_field(row, key, expected, source)
+    _check_field({"rerank": False, **row}, "rerank", (bool,), source)
+    if row.get("rerank"):
+        for key, expected in RERANK_FIELDS.items():
+            _check_field(row, key, expected, source)
     return row
+
+
+def _check_field(row: dict[str, Any], key: str, expected: tuple[type, ...], source: str | Path) -> None:
+    value = row.get(key)
+    number_expected = bool not in expected
+    if not isinstance(value, expected) or (number_expected and isinstance(value, bool)):
+        names = " or ".join(kind.__name__ for kind in expected)
+        raise ValueError(f"{source}: key {key} is {value!r}, expected {names}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{source}: key {key} is {value}, expected a finite number")
+
+
+def rerank_text(row: dict[str, Any]) -> str:
+    """ "k1=20 k2=6 lambda=0.3" for a re-ranked row, "off" otherwise (also for rows that predate the key)."""
+    if not row.get("rerank"):
+        return "off"
+    return f"k1={row['rerank_k1']} k2={row['rerank_k2']} lambda={row['rerank_lambda']:g}"
 
 
 def write_metrics(path: str | Path, row: dict[str, Any]) -> Path:

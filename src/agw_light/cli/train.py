@@ -135,6 +135,10 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         timing_batch_size=cfg.eval.timing_batch_size,
         fit_images=cfg.eval.fit_images,
         target_recall=cfg.eval.target_recall,
+        rerank=cfg.eval.rerank,
+        rerank_k1=cfg.eval.rerank_k1,
+        rerank_k2=cfg.eval.rerank_k2,
+        rerank_lambda=cfg.eval.rerank_lambda,
         out_path=out_dir / "metrics.json",
     )
 

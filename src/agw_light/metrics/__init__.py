@@ -10,6 +10,7 @@ from typing import Any
 
 from agw_light.metrics.distance import pairwise_distance, prepare_features
 from agw_light.metrics.rank import RankAccumulator, evaluate_rank, evaluate_retrieval
+from agw_light.metrics.rerank import rerank_blocks
 
 __all__ = [
     "RankAccumulator",
@@ -18,6 +19,7 @@ __all__ = [
     "evaluate_retrieval",
     "pairwise_distance",
     "prepare_features",
+    "rerank_blocks",
 ]
 
 
