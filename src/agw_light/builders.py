@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agw_light.data.datamodule import ReIDDataModule
-from agw_light.lit.checkpoint import read_checkpoint
+from agw_light.inference.checkpoint import read_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
 
