@@ -34,7 +34,7 @@ LAYERS = [
     # The package's own __init__ (matched exactly, not as a prefix) only exports `agw_light.Encoder`, lazily.
     ("inference", ("agw_light.inference", "agw_light")),
     ("lightning", ("agw_light.lit", "agw_light.data.datamodule")),
-    ("apps", ("agw_light.evaluation", "agw_light.reporting", "agw_light.builders")),
+    ("apps", ("agw_light.evaluation", "agw_light.reporting", "agw_light.builders", "agw_light.service")),
     (
         "commands",
         (
@@ -43,6 +43,8 @@ LAYERS = [
             "agw_light.evaluate",
             "agw_light.visualize",
             "agw_light.report",
+            "agw_light.serve",
+            "agw_light.export",
             "agw_light.search.__main__",
         ),
     ),

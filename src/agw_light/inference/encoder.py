@@ -53,7 +53,7 @@ def _open_rgb(source: Any) -> Image.Image:
         with Image.open(source) as image:
             return image.convert("RGB")
     except (OSError, AttributeError, TypeError) as error:  # missing, truncated, not an image, not a path
-        raise OSError(f"cannot read image {source!r}: {error}") from error
+        raise OSError(f"cannot read image file {str(source)!r}: {error}") from error
 
 
 class _Images(torch.utils.data.Dataset):
@@ -134,7 +134,7 @@ class Encoder:
         run: Callable[[torch.Tensor], torch.Tensor],
         *,
         backend: str,
-        image_size: Sequence[int],
+        image_size: Sequence[int] | None,
         distance: str,
         code_lengths: Sequence[int] | None,
         checkpoint_sha256: str | None = None,
@@ -143,12 +143,14 @@ class Encoder:
     ) -> None:
         self._run = run
         self.backend = backend
-        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.distance = distance
         self.code_lengths = None if code_lengths is None else tuple(int(v) for v in code_lengths)
         self.checkpoint_sha256 = checkpoint_sha256
         self.mean, self.std = tuple(mean), tuple(std)
-        self.transform = build_test_transform(*self.image_size, mean=self.mean, std=self.std)
+        self.transform = (
+            None if self.image_size is None else build_test_transform(*self.image_size, mean=self.mean, std=self.std)
+        )
 
     # --- construction -------------------------------------------------------------------------------------
 
@@ -157,19 +159,23 @@ class Encoder:
         cls,
         network: nn.Module,
         *,
-        image_size: Sequence[int],
+        image_size: Sequence[int] | None,
         device: str | torch.device = "auto",
         backend: str = "torch",
         checkpoint_sha256: str | None = None,
         threads: int | None = None,
     ) -> Encoder:
         """An encoder around an in-memory network: a `ReIDModel`, or a module whose `.model` is one (LitReID,
-        which then runs with its own options such as channels_last)."""
+        which then runs with its own options such as channels_last). Without an `image_size` it only encodes
+        preprocessed batches (`encode_loader`, `__call__`); onnxruntime needs one (the exported input size)."""
         model = getattr(network, "model", network)
         device = pick_device(device)
         backend = _resolve_backend(backend, device)
         if backend == "onnxruntime":
             from agw_light.inference.onnx import export_onnx, onnx_metadata
+
+            if image_size is None:
+                raise ValueError("backend='onnxruntime' exports the network at one input size: pass image_size")
 
             metadata = onnx_metadata(
                 image_size=image_size,
@@ -256,6 +262,8 @@ class Encoder:
         from torch.utils.data import DataLoader
         from tqdm import tqdm
 
+        if self.transform is None:
+            raise ValueError("this encoder was built without an image size: it encodes batches (encode_loader)")
         if isinstance(images, (str, Path)):
             images = list_image_files(images)
         images = list(images)

@@ -100,3 +100,27 @@ def export_onnx(network: nn.Module, *, image_size: Sequence[int], metadata: dict
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     return proto.SerializeToString()
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, *, image_size: Sequence[int] | None = None) -> Path:
+    """Writes the checkpoint's eval network as ONNX at `out` (atomically), at its training image size unless
+    `image_size` (height, width) asks for another; returns the path."""
+    from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from agw_light.files import file_sha256, write_atomic
+    from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
+
+    checkpoint = read_checkpoint(ckpt)
+    network = network_from_checkpoint(ckpt, checkpoint)
+    size = image_size or checkpoint["hyper_parameters"].get("image_size")
+    if not size:
+        raise ValueError(f"checkpoint {ckpt} records no image size: pass image_size=[height,width]")
+    metadata = onnx_metadata(
+        image_size=size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        code_lengths=network.code_lengths,
+        distance=network.distance,
+        checkpoint_sha256=file_sha256(ckpt),
+    )
+    data = export_onnx(network, image_size=size, metadata=metadata)
+    return write_atomic(out, lambda handle: handle.write(data))
