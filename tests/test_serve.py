@@ -39,17 +39,18 @@ def save_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(gallery folder, checkpoint, index folder) built once with `search build`."""
-    root = generate_synthetic(
-        tmp_path_factory.mktemp("serve"), num_ids=6, num_cams=2, images_per_id_cam=2, height=32, width=16, seed=5
-    )
+def build_tiny_index(folder: Path) -> tuple[Path, Path, Path]:
+    """(gallery folder, checkpoint, index folder): a generated 32x16 gallery indexed with `search build`."""
+    root = generate_synthetic(folder, num_ids=6, num_cams=2, images_per_id_cam=2, height=32, width=16, seed=5)
     gallery = (root / "Market-1501-v15.09.15" / "bounding_box_test").resolve()
-    folder = tmp_path_factory.mktemp("serve-index")
     ckpt = save_checkpoint(folder / "model.ckpt")
     search_main(["build", f"ckpt={ckpt}", f"gallery={gallery}", f"out={folder / 'index'}", "device=cpu"])
     return gallery, ckpt, folder / "index"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path, Path]:
+    return build_tiny_index(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
