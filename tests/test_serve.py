@@ -204,6 +204,7 @@ def test_bad_uploads_get_a_4xx_that_says_why(client):
         assert response.status_code == status, (status, response.text)
         assert message in json.dumps(response.json()["detail"])
     assert "query.png" in post_image(client, b"").json()["detail"]  # the error names the upload
+    assert "BytesIO" not in post_image(client, b"GIF89a junk").json()["detail"]  # no server internals
 
 
 def test_a_decompression_bomb_is_refused(client):

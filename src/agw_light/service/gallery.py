@@ -46,7 +46,7 @@ class Hit:
 
 def decode_query(data: bytes, max_bytes: int) -> Any:
     """The uploaded bytes as an RGB PIL image, or QueryImageError (empty, too large, not an image)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise QueryImageError("the uploaded file is empty: send a JPEG, PNG or BMP image")
@@ -62,6 +62,8 @@ def decode_query(data: bytes, max_bytes: int) -> Any:
             return image.convert("RGB")
     except QueryImageError:
         raise
+    except UnidentifiedImageError as error:
+        raise QueryImageError("the upload is not a readable image (no image format recognised)", status=415) from error
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise QueryImageError(f"the upload is not a readable image ({error})", status=415) from error
 
