@@ -195,6 +195,7 @@ def test_bad_uploads_get_a_4xx_that_says_why(client):
         (post_image(client, b"this is not an image at all"), 415, "not a readable image"),
         (post_image(client, image[: len(image) // 2]), 415, "not a readable image"),
         (post_image(client, b"\x89PNG" + bytes(MAX_UPLOAD)), 413, f"limit of {MAX_UPLOAD} bytes"),
+        (post_image(client, bytes(4 * MAX_UPLOAD)), 413, f"limit of {MAX_UPLOAD} bytes"),  # refused unread
         (client.post("/search"), 422, "image"),
         (post_image(client, image, k=0), 422, "k"),
         (post_image(client, image, k=21), 422, "k"),

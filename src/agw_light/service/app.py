@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from agw_light.service.gallery import GallerySearch, QueryImageError, decode_query, hit_json
 
@@ -40,6 +40,15 @@ def create_app(
     app = FastAPI(title="agw_light gallery search", version="1")
     page = files("agw_light.service").joinpath("page.html").read_text(encoding="utf-8")
 
+    @app.middleware("http")
+    async def refuse_oversize_bodies(request: Request, call_next):
+        """A body declared larger than any acceptable upload is refused before it is read (FastAPI would
+        otherwise receive and spool the whole form before the endpoint sees it)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_upload_bytes + MULTIPART_OVERHEAD:
+            return JSONResponse({"detail": f"the upload exceeds the limit of {max_upload_bytes} bytes"}, 413)
+        return await call_next(request)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> str:
         return page
@@ -50,14 +59,10 @@ def create_app(
 
     @app.post("/search")
     async def search(
-        request: Request,
         image: Annotated[UploadFile, File(description="the query image: JPEG, PNG or BMP")],
         k: Annotated[int, Query(ge=1, le=max_k, description="gallery items to return")] = 10,
         max_distance: Annotated[float | None, Query(ge=0, description="drop items farther than this")] = None,
     ) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_upload_bytes + MULTIPART_OVERHEAD:
-            raise HTTPException(413, f"the upload exceeds the limit of {max_upload_bytes} bytes")
         data = await image.read(max_upload_bytes + 1)
         try:
             hits = await run_in_threadpool(_search, gallery, data, max_upload_bytes, k, max_distance)
