@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,23 +75,25 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def reference_feature(ckpt: Path, image_path: Path) -> np.ndarray:
-    """The model's eval output for one image, preprocessed by hand (resize, scale, ImageNet normalisation)
+def reference_features(ckpt: Path, image_paths: list[Path]) -> np.ndarray:
+    """The model's eval outputs for the images, preprocessed by hand (resize, scale, ImageNet normalisation)
     instead of through agw_light's encoder."""
     module = LitReID.from_checkpoint(ckpt).eval()
-    with Image.open(image_path) as image:
-        pixels = np.asarray(image.convert("RGB").resize((16, 32), Image.BILINEAR), dtype=np.float32) / 255
-    pixels = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    batch = torch.from_numpy(pixels.transpose(2, 0, 1)[None].astype(np.float32))
+    batch = []
+    for path in image_paths:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB").resize((16, 32), Image.BILINEAR), dtype=np.float32) / 255
+        pixels = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+        batch.append(pixels.transpose(2, 0, 1).astype(np.float32))
     with torch.no_grad():
-        return module(batch)[0].double().numpy()
+        return module(torch.from_numpy(np.stack(batch))).double().numpy()
 
 
 def reference_ranking(built, query: Path) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force cosine distances of the query to every stored gallery feature, nearest first with ties in
     gallery order."""
     _, ckpt, index_dir = built
-    query_feature = reference_feature(ckpt, query)
+    query_feature = reference_features(ckpt, [query])[0]
     query_feature /= np.linalg.norm(query_feature)
     stored = load_index(index_dir).arrays()["features"].astype(np.float64)
     distances = 1.0 - stored @ query_feature
@@ -271,3 +274,51 @@ def test_the_command_refuses_a_missing_checkpoint_before_serving(built, tmp_path
     )
     assert run.returncode != 0 and f"checkpoint {ckpt}: not found" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_slow_query_does_not_hold_up_other_requests(built, gallery):
+    """Embedding runs in the server's thread pool: /health answers while a query is being embedded."""
+    started, release = threading.Event(), threading.Event()
+    real_encoder = gallery.encoder
+
+    class SlowEncoder:
+        distance, image_size = real_encoder.distance, real_encoder.image_size
+
+        def encode(self, images):
+            started.set()
+            release.wait(timeout=30)
+            return real_encoder.encode(images)
+
+    slow = GallerySearch(gallery.index, SlowEncoder(), index_dir=gallery.index_dir)
+    with TestClient(create_app(slow)) as slow_client:
+        query = sorted(built[0].glob("*.jpg"))[0]
+        answer: list = []
+        worker = threading.Thread(target=lambda: answer.append(post_image(slow_client, query.read_bytes(), k=1)))
+        worker.start()
+        assert started.wait(timeout=30)
+        before = time.monotonic()
+        assert slow_client.get("/health").status_code == 200
+        assert time.monotonic() - before < 10 and not release.is_set()  # answered while the query still waits
+        release.set()
+        worker.join(timeout=30)
+    assert answer[0].json()["results"][0]["name"] == query.name
+
+
+def test_a_hamming_index_answers_with_integer_distances(built, tmp_path):
+    """A hash-head model's index (exact Hamming): distances are bit counts, checked against a brute force."""
+    gallery_folder = built[0]
+    torch.manual_seed(0)
+    hash_model = {**FLOAT_MODEL, "neck": "hash", "code_lengths": [64]}
+    module = LitReID(model=hash_model, losses=LOSSES, num_classes=3, image_size=(32, 16))
+    ckpt = tmp_path / "hash.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, ckpt)
+    search_main(["build", f"ckpt={ckpt}", f"gallery={gallery_folder}", f"out={tmp_path / 'hash'}", "device=cpu"])
+    query = sorted((gallery_folder.parent / "query").glob("*.jpg"))[0]
+    with TestClient(create_app(GallerySearch.open(tmp_path / "hash", device="cpu", backend="torch"))) as client:
+        assert client.get("/health").json()["index_kind"] == "hamming"
+        results = post_image(client, query.read_bytes(), k=4).json()["results"]
+    bits = reference_features(ckpt, [query, *sorted(gallery_folder.glob("*.jpg"))]) > 0
+    distances = (bits[1:] != bits[0]).sum(axis=1)
+    order = np.argsort(distances, kind="stable")[:4]
+    assert [hit["position"] for hit in results] == order.tolist()
+    assert [hit["distance"] for hit in results] == distances[order].tolist()
