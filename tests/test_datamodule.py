@@ -110,6 +110,19 @@ def test_validation_split_takes_whole_training_identities_one_query_per_camera(d
         datamodule.validation_split_dataloader(0)
 
 
+def test_validation_split_keeps_a_gallery_image_for_identities_with_one_image_per_camera(tmp_path):
+    from agw_light.data.datasets import ReIDDataset
+
+    module = ReIDDataModule(name="mine", root=str(tmp_path), num_workers=0)
+    # Identity 0 has one image per camera: one query (its first image), the other one its gallery. Identity 1
+    # has two images under camera 0: one query per camera as usual. Negative cameras: no camera ids.
+    train = [("a0", 0, 0), ("a1", 0, 1), ("b0", 1, 0), ("b1", 1, 0), ("b2", 1, 1), ("c0", 2, -1), ("c1", 2, -2)]
+    module._dataset = ReIDDataset("mine", str(tmp_path), train, train[:1], train[:1])
+    loader = module.validation_split_dataloader(100)
+    assert [path for path, _, _ in loader.dataset.samples] == ["a0", "b0", "b2", "c0", "a1", "b1", "c1"]
+    assert loader.dataset.num_query == 4
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_query_gallery_loaders_cover_every_index(datamodule, world_size):
     total = len(datamodule.dataset.query) + len(datamodule.dataset.gallery)

@@ -402,7 +402,9 @@ def test_msmt17_root_errors(tmp_path):
 
 def test_build_dataset_rejects_unknown_names_and_stray_kwargs(tmp_path):
     with pytest.raises(
-        ValueError, match="unknown dataset 'cuhk03'; valid names: market1501, dukemtmcreid, msmt17, synthetic"
+        ValueError,
+        match="unknown dataset 'cuhk03'; valid names: market1501, dukemtmcreid, msmt17, image_list, image_folders, "
+        "synthetic",
     ):
         build_dataset("cuhk03", tmp_path)
     with pytest.raises(TypeError, match="'market1501' takes no keyword arguments; got unexpected num_cams, num_ids"):

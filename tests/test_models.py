@@ -112,7 +112,7 @@ def test_default_nonlocal_placement_follows_agw_authors(resnet50_model):
     assert backbone.nonlocal_positions == expected_positions
     blocks = [backbone.nonlocal_blocks[stage][str(index)] for stage, index in expected_positions]
     assert [b.in_channels for b in blocks] == [512, 512, 1024, 1024, 1024]
-    assert [b.inter_channels for b in blocks] == [256, 256, 512, 512, 512]
+    assert [b.inter_channels for b in blocks] == [1, 1, 1, 1, 1]  # the authors' `reduc_ratio // reduc_ratio`
     assert sum(isinstance(m, NonLocalBlock) for m in backbone.modules()) == 5
 
     # Each non-local block runs right after its block: record the forward call order.
@@ -139,6 +139,24 @@ def test_default_nonlocal_placement_follows_agw_authors(resnet50_model):
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("inter_channels", "expected"),
+    [(1, 25_078_864), ("half", 32_408_641)],  # 1: the published AGW (ReID-Survey, fast-reid, light-reid)
+)
+def test_agw_resnet50_parameter_count_matches_the_reference_networks(inter_channels, expected):
+    """AGW ResNet-50 for Market-1501's 751 training ids, counted on the reference code's network."""
+    model = build_model("resnet50", num_classes=751, nonlocal_inter_channels=inter_channels)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    widths = {block.inter_channels for block in model.modules() if isinstance(block, NonLocalBlock)}
+    assert widths == ({1} if inter_channels == 1 else {256, 512})
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2048, "third", True, 1.5])
+def test_nonlocal_inter_channels_is_checked(bad):
+    with pytest.raises(ValueError, match="nonlocal_inter_channels"):
+        NonLocalBlock(1024, inter_channels=bad)
+
+
 def test_nonlocal_layers_are_configurable_and_checked():
     assert ResNetBackbone("resnet18").nonlocal_positions == []  # no non-local in ResNet-18 by default
     custom = ResNetBackbone("resnet18", nonlocal_layers=[1, 0, 0, 2])
@@ -163,7 +181,7 @@ def test_fresh_nonlocal_block_is_identity():
 
 def test_nonlocal_block_matches_per_position_dot_product_divided_by_n():
     torch.manual_seed(0)
-    block = NonLocalBlock(4, reduction=2).eval()
+    block = NonLocalBlock(4, inter_channels="half").eval()
     nn.init.ones_(block.output[1].weight)  # BN in eval with running stats 0/1 and weight 1: identity
     x = torch.randn(1, 4, 3, 2)
     positions = x[0].flatten(1).T  # (N, C)

@@ -120,6 +120,9 @@ def network_fields(light: str) -> dict:
         "neck": neck,
         "distilled": res18,
         "index": index,
+        "parameters": 25_078_864 if backbone == "resnet50" else 11_562_049,
+        "nonlocal_inter_channels": "1" if backbone == "resnet50" else "none",
+        "selection": "last epoch",
         "checkpoint_sha256": "ab" * 32,
         "R5": 0.97,
         "R10": 0.98,
@@ -220,16 +223,16 @@ def test_report_tables_every_row_in_row_order(sweep, capsys):
     markdown = (sweep / "results.md").read_text()
     assert f"# Results of `{sweep}`" in markdown and "on: cpu (2 threads)" in markdown
     expected_lines = [
-        "| 1 (full) | - | - | - | 2048 | cosine | 0.945 | 0.865 | 0.601 | 5248.1 ms | 2.50 ms | cpu (2 threads) "
-        "| `market1501/full` |",
-        "| 2 (model) | √ | - | - | 512 | cosine | 0.931 | 0.836 | 0.552 | 1210.5 ms | 0.900 ms | cpu (2 threads) "
-        "| `market1501/model` |",
-        "| 3 (feat) | - | √ | - | 2048 | hamming | 0.942 | 0.859 | 0.590 | 5261.0 ms | 0.300 ms "
-        "| cpu (2 threads) | `market1501/feat` |",
-        f"| 4 (search) | - | √ | √ | multiple ({PYRAMID}) | hamming | 0.942 | 0.852 | 0.570 | 5270.4 ms "
-        "| 0.077 ms | cpu (2 threads) | `market1501/search` |",
-        f"| 5 (all) | √ | √ | √ | multiple ({PYRAMID}) | hamming | 0.922 | 0.809 | 0.521 | 1220.0 ms "
-        "| 0.071 ms | cpu (2 threads) | `market1501/all` |",
+        "| 1 (full) | - | - | - | 2048 | cosine | 25.08 M | 0.945 | 0.865 | 0.601 | 5248.1 ms | 2.50 ms "
+        "| cpu (2 threads) | last epoch | `market1501/full` |",
+        "| 2 (model) | √ | - | - | 512 | cosine | 11.56 M | 0.931 | 0.836 | 0.552 | 1210.5 ms | 0.900 ms "
+        "| cpu (2 threads) | last epoch | `market1501/model` |",
+        "| 3 (feat) | - | √ | - | 2048 | hamming | 25.08 M | 0.942 | 0.859 | 0.590 | 5261.0 ms | 0.300 ms "
+        "| cpu (2 threads) | last epoch | `market1501/feat` |",
+        f"| 4 (search) | - | √ | √ | multiple ({PYRAMID}) | hamming | 25.08 M | 0.942 | 0.852 | 0.570 | 5270.4 ms "
+        "| 0.077 ms | cpu (2 threads) | last epoch | `market1501/search` |",
+        f"| 5 (all) | √ | √ | √ | multiple ({PYRAMID}) | hamming | 11.56 M | 0.922 | 0.809 | 0.521 | 1220.0 ms "
+        "| 0.071 ms | cpu (2 threads) | last epoch | `market1501/all` |",
     ]
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "(" in line.split("|")[1]]
     assert table_lines == expected_lines

@@ -42,7 +42,7 @@ def test_five_row_sweep_and_report(synthetic_cache, tmp_path):
 
     teacher = json.loads((sweep / "synthetic" / "full" / "metrics.json").read_text())["checkpoint"]
     for student in ("model", "all"):
-        checkpoint = next((sweep / "synthetic" / student / "checkpoints").glob("best-*.ckpt"))
+        checkpoint = sweep / "synthetic" / student / "checkpoints" / "last.ckpt"  # eval.select=last
         assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["teacher_ckpt"] == teacher
 
     # Each row's TensorBoard log holds its validation's ranked lists and the gallery embedding.
@@ -51,7 +51,7 @@ def test_five_row_sweep_and_report(synthetic_cache, tmp_path):
     for row in ROWS:
         events = EventAccumulator(str(sweep / "synthetic" / row / "tensorboard"), size_guidance={"images": 0})
         events.Reload()
-        assert "val/ranked_lists" in events.Tags()["images"], row
+        assert "test/ranked_lists" in events.Tags()["images"], row
         assert (sweep / "synthetic" / row / "tensorboard" / "projector_config.pbtxt").is_file(), row
 
     reported = run_module("agw_light.report", str(sweep), cwd=tmp_path)

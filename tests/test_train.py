@@ -66,9 +66,52 @@ def test_training_lowers_loss_and_raises_map(compose_config, tmp_path):
     assert written["mAP"] == pytest.approx(row["mAP"])
     losses = _scalar_series(tmp_path / "run" / "tensorboard", "train/loss")
     assert losses[-1] < losses[0]
-    assert {"val/R1", "val/mAP", "val/mINP", "train/loss_ce", "train/loss_wrt"} <= _scalar_tags(
-        tmp_path / "run" / "tensorboard"
-    )
+    tags = _scalar_tags(tmp_path / "run" / "tensorboard")
+    assert {"test/R1", "test/mAP", "test/mINP", "train/loss_ce", "train/loss_wrt"} <= tags
+    assert not any(tag.startswith("val/") for tag in tags)  # nothing is called validation that scores test data
+    # eval.select=last: the final epoch is reported, and no checkpoint is chosen on the test split.
+    assert written["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert written["selection"] == "last epoch"
+    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_val_split_selects_on_held_out_training_identities(compose_config, tmp_path):
+    """eval.select=val_split: identities leave training, validation scores them as val/*, the best is reported."""
+    cfg = compose_config(
+        *SMALL, "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "eval.select=val_split",
+        "eval.val_images=16",
+    )  # fmt: skip
+    full = build_datamodule(cfg)
+    full.prepare_data()
+    full.setup("fit")
+    held = build_datamodule(cfg, holdout_images=16)
+    held.setup("fit")
+    queries, gallery = held._held_out
+    held_paths = {path for path, _, _ in queries + gallery}
+    assert len({pid for _, pid, _ in queries}) == 2  # 16 of the 64 training images: whole identities
+    assert not held_paths & {path for path, _, _ in held.dataset.train}
+    assert len(held_paths) + len(held.dataset.train) == len(full.dataset.train)
+    assert held.num_classes == full.num_classes - 2
+    assert sorted({pid for _, pid, _ in held.dataset.train}) == list(range(held.num_classes))
+    assert held.dataset.query == full.dataset.query and held.dataset.gallery == full.dataset.gallery
+
+    row = train(cfg)
+
+    checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
+    [best] = [name for name in checkpoints if name.startswith("best-")]
+    assert row["checkpoint"] == str(tmp_path / "run" / "checkpoints" / best)
+    assert row["selection"].startswith("best val/mAP")
+    val_map = _scalar_series(tmp_path / "run" / "tensorboard", "val/mAP")
+    assert best.endswith(f"valmAP{max(val_map):.4f}.ckpt")
+    assert not any(tag.startswith("test/") for tag in _scalar_tags(tmp_path / "run" / "tensorboard"))
+    assert LitReID.from_checkpoint(tmp_path / "run" / "checkpoints" / best).hparams.num_classes == held.num_classes
+
+
+def test_select_must_be_last_or_val_split(compose_config):
+    from agw_light.builders import holdout_images
+
+    with pytest.raises(ValueError, match="eval.select='test'.*never chosen on the test split"):
+        holdout_images(compose_config("eval.select=test"))
 
 
 @pytest.mark.slow
@@ -126,6 +169,24 @@ def test_bad_checkpoints_are_named(tmp_path):
     torch.save({"weights": 1}, foreign)
     with pytest.raises(ValueError, match="foreign.ckpt.*hyper_parameters"):
         LitReID.from_checkpoint(foreign)
+
+
+@pytest.mark.parametrize("inter_channels", [1, "half"])
+def test_checkpoints_record_the_nonlocal_width_and_older_ones_load_as_half(tmp_path, inter_channels):
+    """Checkpoints from before `nonlocal_inter_channels` existed hold half-width blocks and record no width."""
+    model = {"backbone": "resnet18", "nonlocal_layers": [0, 0, 1, 0], "pretrained": "none"}
+    if inter_channels == "half":
+        model["nonlocal_inter_channels"] = "half"
+    losses = [{"name": "ce", "type": "cross_entropy", "output": "logits"}]
+    module = LitReID(model, losses, num_classes=3)
+    assert module.hparams.model["nonlocal_inter_channels"] == inter_channels
+    state = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    if inter_channels == "half":  # what a checkpoint of the earlier default holds
+        del state["hyper_parameters"]["model"]["nonlocal_inter_channels"]
+    torch.save(state, tmp_path / "net.ckpt")
+    rebuilt = LitReID.from_checkpoint(tmp_path / "net.ckpt")
+    block = rebuilt.model.backbone.nonlocal_blocks["layer3"]["1"]
+    assert block.inter_channels == (1 if inter_channels == 1 else 128)
 
 
 def test_a_checkpoint_holding_code_is_refused_and_the_code_never_runs(crafted_checkpoint):

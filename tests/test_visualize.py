@@ -270,11 +270,11 @@ def test_callback_logs_ranked_lists_and_projector_to_tensorboard(tiny_teacher, t
 
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
-    assert events.Tags()["images"] == ["val/ranked_lists"]
-    [image] = events.Images("val/ranked_lists")  # the sanity check draws nothing
+    assert events.Tags()["images"] == ["test/ranked_lists"]  # the validation loop scores the test split
+    [image] = events.Images("test/ranked_lists")  # the sanity check draws nothing
     assert (image.width, image.height) == (4 + 70 + 16 + 4 * 70 + 3 * 4 + 4, 3 * (4 + 148 + 4))
     projector = (tmp_path / "tb" / "projector_config.pbtxt").read_text()
-    assert 'tensor_name: "val/gallery:' in projector and "sprite" in projector
+    assert 'tensor_name: "test/gallery:' in projector and "sprite" in projector
     [tensors] = (tmp_path / "tb").glob("*/*/tensors.tsv")
     assert len(tensors.read_text().splitlines()) == 20
 

@@ -5,13 +5,16 @@ Commands call these; the library below takes plain arguments and never sees a co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError
 
 from agw_light.data.datamodule import ReIDDataModule
+from agw_light.data.datasets import DatasetSource
 from agw_light.inference.checkpoint import read_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
@@ -53,11 +56,134 @@ def model_arguments(cfg: DictConfig) -> dict[str, Any]:
     return model
 
 
-def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
-    """The DataModule of a config's dataset and loader sections (train, evaluate and visualize share it)."""
+# The package's Hydra configs (a wheel carries them inside the package).
+PACKAGE_CONF_DIR = Path(__file__).resolve().parent / "conf"
+GLOBAL_PACKAGE = "# @package _global_"
+
+
+def _config_folders() -> list[Path]:
+    """Where config groups are looked up: the running Hydra app's file sources in its search order (a user's
+    `hydra.searchpath` folders included), then the package's conf/."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folders = []
+    if HydraConfig.initialized():
+        folders = [Path(source.path) for source in HydraConfig.get().runtime.config_sources if source.schema == "file"]
+    return list(dict.fromkeys([*folders, PACKAGE_CONF_DIR]))
+
+
+def _apply_override(node: DictConfig, override: str, source: Path) -> None:
+    """One Hydra-style ``key=value`` (``dataset.`` prefix optional; ``+``/``++`` may add a key) on the node."""
+    key, equals, value = override.partition("=")
+    adds = key.startswith("+")
+    key = key.lstrip("+").removeprefix("dataset.")
+    if not equals or not key:
+        raise ValueError(f"dataset override {override!r} for {source}: expected key=value (e.g. root=/data)")
+    parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+    try:
+        if adds:
+            with open_dict(node):
+                node.merge_with(parsed)
+        else:
+            node.merge_with(parsed)
+    except ConfigKeyError as error:
+        raise ValueError(
+            f"dataset override {override!r}: {source} has no key {key!r} (prefix it with + to add one)"
+        ) from error
+
+
+def dataset_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The `dataset` node of conf/dataset/<name>.yaml, with `overrides` (``key=value``, ``dataset.key=value``,
+    ``+key=value`` to add a key) applied, as `dataset=<name>` would compose it.
+
+    Plain OmegaConf on the file, so it works alike inside a running @hydra.main app (whose search path,
+    `hydra.searchpath` included, is used) and outside one (tests, notebooks: the package's conf/). A file in
+    the `_global_` package (synthetic.yaml) gives its `dataset` node, its interpolations (`${dataset.height}`)
+    resolving against that node; its other sections are not part of the result.
+    """
+    folders = _config_folders()
+    for folder in folders:
+        path = folder / "dataset" / f"{name}.yaml"
+        if path.is_file():
+            break
+    else:
+        available = sorted({found.stem for folder in folders for found in (folder / "dataset").glob("*.yaml")})
+        raise ValueError(
+            f"no dataset config {name!r}: looked for dataset/{name}.yaml in {', '.join(map(str, folders))}; "
+            f"available: {', '.join(available)}"
+        )
+    loaded = OmegaConf.load(path)
+    is_global = any(line.strip() == GLOBAL_PACKAGE for line in path.read_text(encoding="utf-8").splitlines())
+    config = loaded if is_global else OmegaConf.create({"dataset": loaded})
+    if not isinstance(config.get("dataset"), DictConfig) or "defaults" in config.dataset:
+        raise ValueError(f"{path}: expected a dataset config, a mapping without a defaults list")
+    OmegaConf.set_struct(config, True)
+    for override in overrides:
+        _apply_override(config.dataset, override, path)
+    return config.dataset
+
+
+def _register_modules(node: DictConfig) -> list[str]:
+    """`register`: a module name or a list of them (absent: none)."""
+    value = node.get("register")
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(module) for module in value]
+
+
+def _parser_kwargs(node: DictConfig) -> dict:
+    kwargs = node.get("kwargs")
+    return {} if kwargs is None else OmegaConf.to_container(kwargs, resolve=True)
+
+
+def dataset_parts(dataset: DictConfig) -> list[DictConfig]:
+    """The dataset nodes a run trains on: itself, or for a combination (`names`) each named config with the
+    combination's image size, `root` when set, and its entry in `overrides` (a mapping merged into it, or a
+    list of ``key=value`` strings) applied."""
+    names = dataset.get("names")
+    if names is None:
+        return [dataset]
+    if not names:
+        raise ValueError(
+            "dataset.names is empty: name at least one dataset config (the first one gives the test split)"
+        )
+    overrides = dataset.get("overrides") or {}
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(
+            f"dataset.overrides names {', '.join(unknown)}, which dataset.names ({', '.join(names)}) lacks"
+        )
+    shared = [f"++height={dataset.height}", f"++width={dataset.width}"]
+    if dataset.get("root") is not None:
+        shared.append(f"root={dataset.root}")
+    parts = []
+    for name in names:
+        own = overrides.get(name)
+        if isinstance(own, DictConfig):
+            part = dataset_config(name, shared)
+            try:
+                part.merge_with(own)
+            except ConfigKeyError as error:
+                raise ValueError(
+                    f"dataset.overrides.{name}: {error.msg} (dataset/{name}.yaml lacks that key)"
+                ) from error
+        else:
+            part = dataset_config(name, [*shared, *(own or [])])
+        parts.append(part)
+    return parts
+
+
+def build_datamodule(cfg: DictConfig, *, holdout_images: int = 0) -> ReIDDataModule:
+    """The DataModule of a config's dataset and loader sections (train, evaluate and visualize share it).
+
+    `dataset.names` combines datasets: the first named one gives the test split, all give training images.
+    `holdout_images` training images (whole identities) are kept out of training for validation.
+    """
+    first, *more = dataset_parts(cfg.dataset)
+    register = [*_register_modules(cfg.dataset), *(m for part in (first, *more) for m in _register_modules(part))]
     return ReIDDataModule(
-        name=cfg.dataset.name,
-        root=str(Path(cfg.dataset.root).expanduser()),
+        name=first.name,
+        root=str(Path(first.root).expanduser()),
         height=cfg.dataset.height,
         width=cfg.dataset.width,
         batch_size=cfg.loader.batch_size,
@@ -65,10 +191,28 @@ def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
         test_batch_size=cfg.loader.test_batch_size,
         num_workers=cfg.loader.num_workers,
         seed=cfg.seed,
-        dataset_kwargs=OmegaConf.to_container(cfg.dataset.kwargs, resolve=True),
+        dataset_kwargs=_parser_kwargs(first),
         check_images=cfg.dataset.check_images,
         pin_memory=runs_on_cuda(cfg),
+        holdout_images=holdout_images,
+        register=list(dict.fromkeys(register)),
+        also_train=[DatasetSource(part.name, str(Path(part.root).expanduser()), _parser_kwargs(part)) for part in more],
     )
+
+
+# eval.select: how a training run chooses the checkpoint it reports (and rows 2 and 5 distil from).
+SELECTIONS = ("last", "val_split")
+
+
+def holdout_images(cfg: DictConfig) -> int:
+    """Training images held out for checkpoint selection: eval.val_images with eval.select=val_split, else 0."""
+    select = cfg.eval.select
+    if select not in SELECTIONS:
+        raise ValueError(
+            f"eval.select={select!r}: expected 'last' (report the final epoch) or 'val_split' (the best val/mAP "
+            "on training identities held out of training); a checkpoint is never chosen on the test split"
+        )
+    return int(cfg.eval.val_images) if select == "val_split" else 0
 
 
 def loss_entries(cfg: DictConfig) -> list[dict]:

@@ -22,6 +22,7 @@ from agw_light.files import file_sha256
 from agw_light.inference import Encoder, pick_device
 from agw_light.lit.module import LitReID
 from agw_light.metrics import RankAccumulator, evaluate_retrieval
+from agw_light.models import NonLocalBlock
 from agw_light.results import format_summary, write_metrics
 from agw_light.search import CoarseToFineIndex, HammingIndex, build_index
 
@@ -78,6 +79,7 @@ def evaluate_checkpoint(
     fit_images: int = 1000,
     target_recall: float = 0.99,
     out_path: str | Path | None = None,
+    selection: str = "given",
 ) -> dict[str, Any]:
     """Evaluates a checkpoint on the datamodule's test split with the published protocol; writes metrics.json.
 
@@ -89,7 +91,9 @@ def evaluate_checkpoint(
 
     Images are resized to the checkpoint's training size, or to `image_size` (height, width) when given;
     the row records the size used ("image_size", e.g. "256x128": height x width, a flat value like the
-    row's others) and, when it is not the training size, that one ("trained_image_size").
+    row's others) and, when it is not the training size, that one ("trained_image_size"). `selection` says
+    how the checkpoint was chosen ("last epoch", "best val/mAP ...", or "given" by the user), and
+    "parameters" counts the network's parameters (classifier included, as the published counts do).
     """
     torch_device = pick_device(device)
     module = LitReID.from_checkpoint(ckpt_path)
@@ -128,6 +132,13 @@ def evaluate_checkpoint(
         "neck": hparams.model.get("neck", "bnneck"),
         "distilled": hparams.get("teacher_sha256") is not None,
         "index": index.kind,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "nonlocal_inter_channels": (
+            str(hparams.model["nonlocal_inter_channels"])
+            if any(isinstance(layer, NonLocalBlock) for layer in model.modules())
+            else "none"
+        ),
+        "selection": selection,
         "image_size": "x".join(map(str, size)),
     }
     if trained_size is not None and size != trained_size:

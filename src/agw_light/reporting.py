@@ -9,7 +9,7 @@ the output folder (the multirun folder by default), each file atomically:
                                     dataset, the rows that did not finish, and the plots below
     results.csv                     the same rows, one per line, for scripts
     accuracy_vs_search_time.png     mAP against search ms per query (log axis), one point per row
-    training_curves_<dataset>.png   train/loss and val/mAP against step, one line per row
+    training_curves_<dataset>.png   train/loss and val/mAP or test/mAP against step, one line per row
 
 The timings are the ones each run measured when it was evaluated; the device that took them is named with
 every row. Where a run sits in the table (row number, light model / feature / search) is derived from its
@@ -38,6 +38,7 @@ CONFIG_TYPES: dict[str, type] = {"light.name": str, "dataset.name": str}
 METRIC_COLUMNS = (
     "feature_dim",
     "metric",
+    "parameters",
     "R1",
     "mAP",
     "mINP",
@@ -47,11 +48,14 @@ METRIC_COLUMNS = (
     "backbone",
     "neck",
     "index",
+    "nonlocal_inter_channels",
+    "selection",
     "checkpoint_sha256",
 )
 CSV_COLUMNS = ("dataset", "row", "light", "model_res18", "light_feature", "light_search", *METRIC_COLUMNS, "run_dir")
 ACCURACY_PLOT = "accuracy_vs_search_time.png"
-CURVE_TAGS = ("train/loss", "val/mAP")
+# val/mAP: held-out training ids (eval.select=val_split); test/mAP: the test split, monitored only.
+CURVE_TAGS = ("train/loss", "val/mAP", "test/mAP")
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,8 @@ def _markdown_text(
         f"query) were measured when each run was evaluated, on: {'; '.join(devices)}.",
     ]
     header = (
-        "| row | model (res18) | light feature | light search | feature dim | metric | R1 | mAP | mINP "
-        "| inference per batch (64) | search per query | device | run |"
+        "| row | model (res18) | light feature | light search | feature dim | metric | params | R1 | mAP | mINP "
+        "| inference per batch (64) | search per query | device | checkpoint | run |"
     )
     for dataset in sorted({run.dataset for run in rows}):
         lines += ["", f"## {dataset}", "", header, "|" + "---|" * header.count(" | ") + "---|"]
@@ -258,12 +262,14 @@ def _markdown_text(
                 _tick(run.light_search),
                 _feature_dim_text(m["feature_dim"]),
                 m["metric"],
+                f"{m['parameters'] / 1e6:.2f} M",
                 f"{m['R1']:.3f}",
                 f"{m['mAP']:.3f}",
                 f"{m['mINP']:.3f}",
                 f"{format_ms(m['inference_ms_per_batch64'])} ms",
                 f"{format_ms(m['search_ms_per_query'])} ms",
                 m["device"],
+                m["selection"],
                 f"`{_relative(run.run_dir, root)}`",
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -336,12 +342,13 @@ def read_scalar_curves(run_dir: str | Path, tags: Sequence[str] = CURVE_TAGS) ->
 
 
 def plot_training_curves(curves: dict[str, dict[str, tuple[list, list]]], dataset: str, path: Path) -> None:
-    """train/loss and val/mAP against step, one line per run (keyed by its label)."""
+    """train/loss and val/mAP or test/mAP (those logged) against step, one line per run (keyed by its label)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 4), layout="constrained")
+    tags = [tag for tag in CURVE_TAGS if any(tag in run_curves for run_curves in curves.values())]
+    figure = Figure(figsize=(5.5 * len(tags), 4), layout="constrained")
     figure.suptitle(f"training curves, {dataset}")
-    for axes, tag in zip(figure.subplots(1, len(CURVE_TAGS)), CURVE_TAGS, strict=True):
+    for axes, tag in zip(figure.subplots(1, len(tags), squeeze=False)[0], tags, strict=True):
         for label, run_curves in curves.items():
             if tag in run_curves:
                 steps, values = run_curves[tag]

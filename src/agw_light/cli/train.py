@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the configured row, then evaluates its reported checkpoint; returns the metrics written to disk.
 
+    The reported checkpoint is the last epoch's (eval.select=last, as the reference implementations report)
+    or the best val/mAP on held-out training identities (eval.select=val_split); never one chosen on test data.
+
     The run folder is claimed first (see `claim_run_folder`); a failure after that leaves error.txt in it.
     """
     from agw_light.lit.checkpointing import TrainingInterrupted
@@ -56,7 +59,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from agw_light.builders import build_datamodule, build_module, trainer_arguments
+    from agw_light.builders import build_datamodule, build_module, holdout_images, trainer_arguments
     from agw_light.evaluation import evaluate_checkpoint
     from agw_light.lit.callbacks import RankedListLogger, RNGStateCheckpoint
     from agw_light.lit.checkpointing import AtomicCheckpointIO, StopOnSignal, check_resumable
@@ -72,30 +75,36 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         extra_callbacks.append(callback)
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, holdout_images=holdout_images(cfg))
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(cfg, datamodule.num_classes)
-    # No version counter: a folder is only reused to resume, where a rerun epoch overwrites its own file.
-    best = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}-mAP{val/mAP:.4f}",
-        auto_insert_metric_name=False,
-        monitor="val/mAP",
-        mode="max",
-        enable_version_counter=False,
-    )
     # last.ckpt at the end of every training epoch, whatever the validation frequency: a kill loses one epoch.
+    # No version counter: a folder is only reused to resume, where a rerun epoch overwrites its own file.
     last = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="last", save_on_train_epoch_end=True, enable_version_counter=False
     )
+    # eval.select=val_split: also the best val/mAP on the held-out training identities, the reported one.
+    # Never a checkpoint chosen on the test split, whose metrics (test/*) only monitor training.
+    selectors = []
+    if cfg.eval.select == "val_split":
+        selectors.append(
+            ModelCheckpoint(
+                dirpath=out_dir / "checkpoints",
+                filename="best-epoch{epoch:03d}-valmAP{val/mAP:.4f}",
+                auto_insert_metric_name=False,
+                monitor="val/mAP",
+                mode="max",
+                enable_version_counter=False,
+            )
+        )
     stop = StopOnSignal()
     trainer = pl.Trainer(
         **trainer_arguments(cfg),
         default_root_dir=str(out_dir),
         logger=TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=""),
         callbacks=[
-            best,
+            *selectors,
             last,
             stop,
             LearningRateMonitor(logging_interval="epoch"),
@@ -116,9 +125,11 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     if not trainer.is_global_zero:
         return {}
+    reported = next((selector.best_model_path for selector in selectors if selector.best_model_path), None)
     return evaluate_checkpoint(
-        best.best_model_path or last.best_model_path,
+        reported or last.best_model_path,
         datamodule,
+        selection="best val/mAP (held-out training ids)" if reported else "last epoch",
         device=cfg.get("device", "auto"),
         max_rank=cfg.eval.max_rank,
         timing_batch_size=cfg.eval.timing_batch_size,

@@ -7,10 +7,16 @@ sampler). Query and gallery images form one evaluation set, queries first; under
 
 Every image of every split is decoded once at setup (`check_images`), so a bad file stops the run before
 training instead of at the loader that first reaches it.
+
+What the validation loop reads decides what its numbers may be used for. By default it reads the test
+query/gallery: a progress monitor, logged as `test/*`, never a basis for choosing a checkpoint. With
+`holdout_images` it reads a query/gallery split of training identities removed from training (logged as
+`val/*`), on which choosing a checkpoint touches no test label.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -22,7 +28,15 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from agw_light.data.datasets import SPLITS, ReIDDataset, Sample, build_dataset, verify_images
+from agw_light.data.datasets import (
+    SPLITS,
+    DatasetSource,
+    ReIDDataset,
+    Sample,
+    combine_datasets,
+    import_dataset_modules,
+    verify_images,
+)
 from agw_light.data.samplers import PKSampler
 from agw_light.data.transforms import build_test_transform, build_train_transform
 
@@ -67,15 +81,19 @@ class ReIDImageDataset(Dataset):
 
 
 class ReIDDataModule(pl.LightningDataModule):
-    """A re-id benchmark ("market1501", "dukemtmcreid", "msmt17" or the generated "synthetic") as loaders.
+    """A re-id dataset (built in, e.g. "market1501" or the generated "synthetic", or registered) as loaders.
 
-    `dataset_kwargs` go to `build_dataset` (for "synthetic": the generator's parameters). `height` x `width`
+    `dataset_kwargs` go to `build_dataset` (for "synthetic": the generator's parameters). `register` names
+    modules imported before the dataset is built, which register parsers of one's own (each process imports
+    them, whatever launched it). `also_train` are more datasets whose training splits join this one's
+    (`combine_datasets`: labels offset per dataset); query and gallery stay this dataset's. `height` x `width`
     is the input size of the training and test transforms; the query/gallery and validation-split loaders
     take another `image_size` (a checkpoint evaluated at the size it was trained at). `check_images` decodes
     every image at setup with `max(1, num_workers)` threads and lists all unreadable ones in one error.
     `num_workers` is capped at the cores available: more workers than cores only compete with the training
     step (and PyTorch warns). `pin_memory` is for a CUDA run (faster host-to-GPU copies); workers persist
-    across epochs whenever there are any.
+    across epochs whenever there are any. `holdout_images` > 0 removes about that many training images, whole
+    identities, from training (labels renumbered) and validates on them (see the module docstring).
     """
 
     def __init__(
@@ -93,6 +111,9 @@ class ReIDDataModule(pl.LightningDataModule):
         dataset_kwargs: dict | None = None,
         check_images: bool = True,
         pin_memory: bool = False,
+        holdout_images: int = 0,
+        register: Sequence[str] = (),
+        also_train: Sequence[DatasetSource] = (),
     ) -> None:
         super().__init__()
         self.name = name
@@ -110,7 +131,13 @@ class ReIDDataModule(pl.LightningDataModule):
         self.seed = seed
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.check_images = check_images
+        if holdout_images < 0:
+            raise ValueError(f"holdout_images={holdout_images}: expected 0 (none) or a positive image count")
+        self.holdout_images = holdout_images
+        self.register = list(register)
+        self.sources = [DatasetSource(name, root, self.dataset_kwargs), *also_train]
         self._dataset: ReIDDataset | None = None
+        self._held_out: tuple[list[Sample], list[Sample]] | None = None
 
     @property
     def dataset(self) -> ReIDDataset:
@@ -129,13 +156,15 @@ class ReIDDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generates the synthetic set (Lightning calls this on one process per node); checks real roots."""
-        if self.name == SYNTHETIC:
-            build_dataset(self.name, self.root, **self.dataset_kwargs)
-        elif not Path(self.root).expanduser().is_dir():
-            raise FileNotFoundError(
-                f"dataset root {self.root!r} for {self.name!r} does not exist; download the dataset and set "
-                "dataset.root to the folder that holds it"
-            )
+        import_dataset_modules(self.register)
+        for source in self.sources:
+            if source.name == SYNTHETIC:
+                source.build()
+            elif not Path(source.root).expanduser().is_dir():
+                raise FileNotFoundError(
+                    f"dataset root {source.root!r} for {source.name!r} does not exist; download the dataset and set "
+                    "dataset.root to the folder that holds it"
+                )
 
     def setup(self, stage: str | None = None) -> None:
         """Parses (and checks) the dataset once; later calls (Lightning calls setup per stage) reuse it.
@@ -145,7 +174,8 @@ class ReIDDataModule(pl.LightningDataModule):
         """
         if self._dataset is not None:
             return
-        dataset = build_dataset(self.name, self.root, **self.dataset_kwargs)
+        import_dataset_modules(self.register)
+        dataset = combine_datasets([source.build() for source in self.sources])
         if self._is_global_zero():
             log.info("%s", dataset.summary())
         if self.check_images:
@@ -156,12 +186,49 @@ class ReIDDataModule(pl.LightningDataModule):
             if self._is_global_zero():
                 seconds = time.perf_counter() - start
                 log.info("checked %d images in %.1f s (%d threads)", len(paths), seconds, workers)
+        if self.holdout_images:
+            dataset = self._hold_out(dataset)
         self._dataset = dataset
+
+    def _hold_out(self, dataset: ReIDDataset) -> ReIDDataset:
+        """The dataset without the held-out identities in its training split, labels renumbered from 0."""
+        queries, gallery = identity_split(dataset.train, self.holdout_images)
+        held = {pid for _, pid, _ in queries}
+        remaining = [sample for sample in dataset.train if sample[1] not in held]
+        if not remaining:
+            raise ValueError(
+                f"holding out {self.holdout_images} images leaves no training identity in {self.name!r} "
+                f"({len(dataset.train)} training images); lower eval.fit_images"
+            )
+        labels = {pid: label for label, pid in enumerate(sorted({pid for _, pid, _ in remaining}))}
+        self._held_out = (queries, gallery)
+        if self._is_global_zero():
+            log.info(
+                "held out %d training identities (%d images) for validation; training on the other %d",
+                len(held),
+                len(queries) + len(gallery),
+                len(labels),
+            )
+        return dataclasses.replace(dataset, train=[(path, labels[pid], camid) for path, pid, camid in remaining])
+
+    @property
+    def validation_name(self) -> str:
+        """What the validation loop's metrics are logged as: "val" (held-out identities) or "test"."""
+        return "val" if self.holdout_images else "test"
+
+    def validation_samples(self) -> list[Sample]:
+        """The samples `val_dataloader` reads, in its order (queries first)."""
+        if self._held_out is not None:
+            return self._held_out[0] + self._held_out[1]
+        return self.dataset.query + self.dataset.gallery
 
     def train_dataloader(self) -> DataLoader:
         return self._train_dataloader(*self._replicas())
 
     def val_dataloader(self) -> DataLoader:
+        if self._held_out is not None:
+            queries, gallery = self._held_out
+            return self._evaluation_loader(queries, gallery, None, *self._replicas())
         return self.query_gallery_dataloader(*self._replicas())
 
     def test_dataloader(self) -> DataLoader:
@@ -171,27 +238,15 @@ class ReIDDataModule(pl.LightningDataModule):
         """About `num_images` training images as a query/gallery set (queries first, flagged "is_query").
 
         Validation data for choices that must not see the test queries or any test label (e.g. the
-        coarse-to-fine search's candidate counts); training identities never appear in the test splits. Whole
-        identities are taken, evenly spaced, so each validation query finds its identity's other images among
-        the validation gallery, as a test query does: per identity the first image of each camera is a query
-        and the rest is gallery. `image_size` (height, width) overrides the DataModule's.
+        coarse-to-fine search's candidate counts); training identities never appear in the test splits. When
+        identities are held out of training (`holdout_images`), those are the split and `num_images` is
+        unused. `image_size` (height, width) overrides the DataModule's.
         """
-        if num_images < 1:
-            raise ValueError(f"validation_split_dataloader needs num_images >= 1, got {num_images}")
-        by_pid: dict[int, list[Sample]] = {}
-        for sample in self.dataset.train:
-            by_pid.setdefault(sample[1], []).append(sample)
-        pids = sorted(by_pid)
-        wanted = min(len(pids), max(1, round(num_images * len(pids) / len(self.dataset.train))))
-        queries: list[Sample] = []
-        gallery: list[Sample] = []
-        for position in torch.linspace(0, len(pids) - 1, wanted).round().long().unique().tolist():
-            cameras: set[int] = set()
-            for sample in by_pid[pids[position]]:
-                (gallery if sample[2] in cameras else queries).append(sample)
-                cameras.add(sample[2])
-        images = ReIDImageDataset(queries + gallery, self._test_transform(image_size), num_query=len(queries))
-        return DataLoader(images, batch_size=self.test_batch_size, shuffle=False, **self._loader_options())
+        if self._held_out is not None:
+            queries, gallery = self._held_out
+        else:
+            queries, gallery = identity_split(self.dataset.train, num_images)
+        return self._evaluation_loader(queries, gallery, image_size)
 
     def _test_transform(self, image_size: Sequence[int] | None) -> Callable:
         height, width = (self.height, self.width) if image_size is None else image_size
@@ -235,11 +290,49 @@ class ReIDDataModule(pl.LightningDataModule):
         With the defaults one process reads everything (checkpoint evaluation after a DDP run); with a world
         size each rank reads its shard (validation). `image_size` (height, width) overrides the DataModule's.
         """
-        samples = self.dataset.query + self.dataset.gallery
-        images = ReIDImageDataset(samples, self._test_transform(image_size), num_query=self.num_query)
+        return self._evaluation_loader(self.dataset.query, self.dataset.gallery, image_size, num_replicas, rank)
+
+    def _evaluation_loader(
+        self,
+        queries: list[Sample],
+        gallery: list[Sample],
+        image_size: Sequence[int] | None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> DataLoader:
+        images = ReIDImageDataset(queries + gallery, self._test_transform(image_size), num_query=len(queries))
         shard = None
         if num_replicas > 1:
             shard = DistributedSampler(images, num_replicas, rank, shuffle=False, drop_last=False)
         return DataLoader(
             images, batch_size=self.test_batch_size, shuffle=False, sampler=shard, **self._loader_options()
         )
+
+
+def identity_split(train: Sequence[Sample], num_images: int) -> tuple[list[Sample], list[Sample]]:
+    """(queries, gallery) of about `num_images` training images, whole identities, evenly spaced by label.
+
+    Each query finds its identity's other images in the gallery, as a test query does: per identity the
+    first image of each camera is a query and the rest is gallery; an identity that would keep no gallery
+    image that way (each image under a camera of its own, as without camera ids) gets one query, its first.
+    """
+    if num_images < 1:
+        raise ValueError(f"a validation split needs num_images >= 1, got {num_images}")
+    by_pid: dict[int, list[Sample]] = {}
+    for sample in train:
+        by_pid.setdefault(sample[1], []).append(sample)
+    pids = sorted(by_pid)
+    wanted = min(len(pids), max(1, round(num_images * len(pids) / len(train))))
+    queries: list[Sample] = []
+    gallery: list[Sample] = []
+    for position in torch.linspace(0, len(pids) - 1, wanted).round().long().unique().tolist():
+        samples = by_pid[pids[position]]
+        first_of_camera: dict[int, int] = {}
+        for index, (_, _, camid) in enumerate(samples):
+            first_of_camera.setdefault(camid, index)
+        chosen = set(first_of_camera.values())
+        if len(chosen) == len(samples):  # each image under a camera of its own (no camera ids): one query
+            chosen = {0}
+        queries += [sample for index, sample in enumerate(samples) if index in chosen]
+        gallery += [sample for index, sample in enumerate(samples) if index not in chosen]
+    return queries, gallery

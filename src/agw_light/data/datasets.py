@@ -8,19 +8,27 @@ Conventions shared by every parser (those of torchreid and fast-reid, so numbers
 
 * Training pids are relabelled to 0..N-1 in the sorted order of the original pids, so they can index a
   classifier; query and gallery keep their original pids, which only need to compare equal.
-* Camera ids are 0-based.
+* Camera ids are 0-based. An image without a camera id (a dataset of one's own may have none) gets a
+  camera of its own: a negative id unique to its path (-1, -2, ...). The standard protocol, which drops the
+  gallery images of the query's identity under the query's camera, then drops only the query's own image
+  (where the gallery lists it too) and keeps every other image of its identity as a true match.
 * Market-1501: pid -1 ("junk" detections) is dropped everywhere; pid 0 (distractors) stays in the gallery,
   where it makes retrieval harder, and is dropped from training, where it is not an identity.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import operator
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from agw_light.data.layouts import LayoutSample, read_image_lists, scan_identity_folders
 
 Sample = tuple[str, int, int]
 
@@ -57,13 +65,47 @@ VERIFY_BLOCK = 256
 
 @dataclass(frozen=True)
 class ReIDDataset:
-    """One re-id benchmark: ``root`` is the folder the splits were read from."""
+    """One re-id benchmark: ``root`` is the folder the splits were read from.
+
+    A combination of datasets (`combine_datasets`) lists them in ``parts``: it trains on all their training
+    splits and tests on the first one's query and gallery.
+    """
 
     name: str
     root: str
     train: list[Sample]
     query: list[Sample]
     gallery: list[Sample]
+    parts: tuple[ReIDDataset, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_samples(
+        cls,
+        name: str,
+        root: str | Path,
+        train: Sequence[LayoutSample],
+        query: Sequence[LayoutSample],
+        gallery: Sequence[LayoutSample],
+    ) -> ReIDDataset:
+        """A dataset from (path, pid, camid or None) lists: what a parser of one's own returns.
+
+        Training pids are relabelled 0..N-1 in sorted order (they index the classifier); query and gallery
+        keep theirs. A camid of None (unknown) becomes a camera of the image's own, a negative id unique to
+        its path, so the same file listed as query and in the gallery gets the same one (module docstring).
+        """
+        own_cameras: dict[str, int] = {}
+        splits = {}
+        for split, samples in (("train", train), ("query", query), ("gallery", gallery)):
+            if not samples:
+                raise ValueError(f"dataset {name!r}: the {split} split has no images")
+            rows = []
+            for position, sample in enumerate(samples):
+                path, pid, camid = _checked_sample(name, split, position, sample)
+                rows.append(
+                    (path, pid, own_cameras.setdefault(path, -1 - len(own_cameras)) if camid is None else camid)
+                )
+            splits[split] = rows
+        return cls(name, str(root), _relabel(splits["train"]), splits["query"], splits["gallery"])
 
     @property
     def num_train_pids(self) -> int:
@@ -71,31 +113,72 @@ class ReIDDataset:
 
     @property
     def num_cams(self) -> int:
-        return len({camid for split in SPLITS for _, _, camid in getattr(self, split)})
+        """Known cameras (an image without a camera id has a negative camid of its own and is not counted)."""
+        return len({camid for split in SPLITS for _, _, camid in getattr(self, split) if camid >= 0})
 
     def statistics(self) -> dict[str, tuple[int, int, int]]:
-        """Split -> (ids, images, cameras): the numbers papers publish, to check a copy is complete."""
+        """Split -> (ids, images, known cameras): the numbers papers publish, to check a copy is complete."""
         stats = {}
         for split in SPLITS:
             samples = getattr(self, split)
             stats[split] = (
                 len({pid for _, pid, _ in samples}),
                 len(samples),
-                len({camid for _, _, camid in samples}),
+                len({camid for _, _, camid in samples if camid >= 0}),
             )
         return stats
 
     def summary(self) -> str:
+        """A table of `statistics`; names the parts of a combination and the images without camera ids."""
         header = ("subset", "# ids", "# images", "# cameras")
-        rows = [(split, *(str(count) for count in counts)) for split, counts in self.statistics().items()]
+        stats = self.statistics()
+        rows = [
+            (split, str(ids), str(images), str(cams) if cams else "none")
+            for split, (ids, images, cams) in stats.items()
+        ]
         widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
 
         def line(cells: tuple[str, ...]) -> str:
             first, *numbers = cells
             return " | ".join([first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(numbers, widths[1:], strict=True)])
 
+        title = f"Dataset {self.name} ({self.root})"
+        if self.parts:
+            title = (
+                f"Dataset {self.name}: trains on the training splits of "
+                + ", ".join(f"{part.name} ({part.root})" for part in self.parts)
+                + f" (identity and camera labels offset per dataset); query and gallery of {self.parts[0].name}"
+            )
         rule = "-+-".join("-" * width for width in widths)
-        return "\n".join([f"Dataset {self.name} ({self.root})", line(header), rule, *map(line, rows)])
+        lines = [title, line(header), rule, *map(line, rows)]
+        unknown = {split: sum(camid < 0 for _, _, camid in getattr(self, split)) for split in SPLITS}
+        if any(unknown.values()):
+            counts = ", ".join(f"{count} of {stats[split][1]} {split}" for split, count in unknown.items() if count)
+            lines.append(
+                f"no camera ids for {counts} images: each such image is its own camera, so evaluation drops only a "
+                "query's own image from the gallery, never other images of its identity"
+            )
+        return "\n".join(lines)
+
+
+def _checked_sample(dataset: str, split: str, position: int, sample: object) -> Sample | tuple[str, int, None]:
+    """(path, pid, camid or None) with integer ids; anything else is an error naming the sample."""
+    where = f"dataset {dataset!r}, {split} sample {position}"
+    try:
+        path, pid, camid = sample  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {sample!r} is not a (path, pid, camid) triple") from None
+    expected = f"{where}: {sample!r} needs an integer pid and a camid >= 0 (None when unknown)"
+    if isinstance(pid, bool) or isinstance(camid, bool):
+        raise ValueError(expected)
+    try:
+        pid = operator.index(pid)
+        camid = None if camid is None else operator.index(camid)
+    except TypeError:
+        raise ValueError(expected) from None
+    if camid is not None and camid < 0:
+        raise ValueError(expected)
+    return os.fspath(path), pid, camid
 
 
 class UnreadableImagesError(OSError):
@@ -322,26 +405,170 @@ def parse_msmt17(root: str | Path) -> ReIDDataset:
     return ReIDDataset("msmt17", str(dataset_dir), _relabel(splits["train"]), splits["query"], splits["gallery"])
 
 
-PARSERS = {"market1501": parse_market1501, "dukemtmcreid": parse_dukemtmcreid, "msmt17": parse_msmt17}
-DATASET_NAMES = (*PARSERS, "synthetic")
+def parse_image_list(root: str | Path, **list_files: str) -> ReIDDataset:
+    """A dataset of one's own as list files, ``<path> <pid> [<camid>]`` per line (`layouts.read_image_lists`):
+    ``list_files`` may rename ``train``, ``query`` and ``gallery`` (defaults: train.txt, query.txt, gallery.txt)."""
+    splits = read_image_lists(root, **list_files)
+    return ReIDDataset.from_samples("image_list", os.path.abspath(Path(root).expanduser()), **splits)
+
+
+def parse_image_folders(root: str | Path, **options: str | None) -> ReIDDataset:
+    """A dataset of one's own as ``<root>/<split>/<pid>/<image>`` (`layouts.scan_identity_folders`): ``options``
+    may rename the ``train``, ``query`` and ``gallery`` folders and give a ``camera_pattern`` (e.g. ``c(\\d+)``)."""
+    splits = scan_identity_folders(root, **options)
+    return ReIDDataset.from_samples("image_folders", os.path.abspath(Path(root).expanduser()), **splits)
+
+
+def parse_synthetic(root: str | Path, **generator_options) -> ReIDDataset:
+    """The generated set: drawn under ``root`` (a cache) with ``generator_options`` if not there yet, then read
+    in its Market-1501 layout (any number of cameras)."""
+    from agw_light.data.synthetic import generate_synthetic
+
+    return _parse_folder_layout(
+        generate_synthetic(root, **generator_options),
+        name="synthetic",
+        dataset="synthetic (Market-1501 layout)",
+        folder=MARKET_FOLDER,
+        pattern=MARKET_NAME,
+        pattern_text=MARKET_NAME_TEXT,
+        num_cams=None,
+    )
+
+
+# A parser reads the dataset under its root (first argument) with its own keyword arguments.
+Parser = Callable[..., ReIDDataset]
+PARSERS: dict[str, Parser] = {
+    "market1501": parse_market1501,
+    "dukemtmcreid": parse_dukemtmcreid,
+    "msmt17": parse_msmt17,
+    "image_list": parse_image_list,
+    "image_folders": parse_image_folders,
+    "synthetic": parse_synthetic,
+}
+BUILT_IN_DATASETS = tuple(PARSERS)
+
+
+def register_dataset(name: str, parser: Parser, *, replace: bool = False) -> None:
+    """Makes ``build_dataset(name, root, **kwargs)`` (and so ``dataset.name=<name>``) call ``parser(root, **kwargs)``.
+
+    The parser returns a `ReIDDataset`, best built with `ReIDDataset.from_samples`. Registering the same
+    function again (a module imported twice) is harmless; another parser under a taken name needs ``replace``,
+    and the built-in names cannot be taken.
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"register_dataset needs a non-empty name without surrounding spaces, got {name!r}")
+    if not callable(parser):
+        raise TypeError(f"register_dataset({name!r}, ...) needs a callable parser, got {parser!r}")
+    if name in BUILT_IN_DATASETS:
+        raise ValueError(
+            f"dataset name {name!r} is built in ({', '.join(BUILT_IN_DATASETS)}); register yours under another"
+        )
+    known = PARSERS.get(name)
+    # The same function again, e.g. from a module imported twice (a reload makes a new function object).
+    same = known is parser or (known is not None and _qualified_name(known) == _qualified_name(parser))
+    if known is not None and not same and not replace:
+        raise ValueError(
+            f"dataset name {name!r} is already registered to {_qualified_name(known)}; pass replace=True to replace it"
+        )
+    PARSERS[name] = parser
+
+
+def _qualified_name(function: Callable) -> str:
+    return f"{getattr(function, '__module__', None)}.{getattr(function, '__qualname__', repr(function))}"
+
+
+def import_dataset_modules(modules: Sequence[str]) -> None:
+    """Imports the modules that register datasets of one's own (they call `register_dataset` when imported)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name is None or not (module == error.name or module.startswith(error.name + ".")):
+                raise  # the module itself imports something missing: its own error says what
+            raise ModuleNotFoundError(
+                f"cannot import {module!r}, named to register datasets: {error}; it must be importable (installed, "
+                "or its folder on PYTHONPATH; `python -m` adds the current folder)",
+                name=error.name,
+            ) from error
+
+
+def _unexpected_arguments(name: str, parser: Parser, kwargs: dict) -> None:
+    """Raises TypeError naming keyword arguments the parser does not take (a typo in a config key)."""
+    try:
+        parameters = list(inspect.signature(parser).parameters.values())[1:]  # the first one is the root
+    except (TypeError, ValueError):  # no signature to read: the call itself will tell
+        return
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unexpected = sorted(set(kwargs) - set(accepted))
+    if unexpected:
+        takes = f"takes keyword arguments {', '.join(accepted)}" if accepted else "takes no keyword arguments"
+        raise TypeError(f"dataset {name!r} {takes}; got unexpected {', '.join(unexpected)}")
 
 
 def build_dataset(name: str, root: str | Path, **kwargs) -> ReIDDataset:
-    """``synthetic`` first generates its set from ``kwargs`` under ``root`` (a cache), if not there yet."""
-    if name == "synthetic":
-        from agw_light.data.synthetic import generate_synthetic
-
-        return _parse_folder_layout(
-            generate_synthetic(root, **kwargs),
-            name="synthetic",
-            dataset="synthetic (Market-1501 layout)",
-            folder=MARKET_FOLDER,
-            pattern=MARKET_NAME,
-            pattern_text=MARKET_NAME_TEXT,
-            num_cams=None,
+    """The dataset ``name`` (built in or registered) under ``root``; ``kwargs`` go to its parser (the
+    generated set: the generator's parameters; image_list: list files; image_folders: folders, camera_pattern)."""
+    parser = PARSERS.get(name)
+    if parser is None:
+        raise ValueError(
+            f"unknown dataset {name!r}; valid names: {', '.join(PARSERS)} (a dataset of your own: register its "
+            "parser with agw_light.data.register_dataset in a module that dataset.register names)"
         )
-    if name not in PARSERS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if kwargs:
-        raise TypeError(f"dataset {name!r} takes no keyword arguments; got unexpected {', '.join(sorted(kwargs))}")
-    return PARSERS[name](root)
+    _unexpected_arguments(name, parser, kwargs)
+    dataset = parser(root, **kwargs)
+    if not isinstance(dataset, ReIDDataset):
+        raise TypeError(f"the parser of dataset {name!r} returned {type(dataset).__name__}, expected a ReIDDataset")
+    labels = sorted({pid for _, pid, _ in dataset.train})
+    if labels != list(range(len(labels))):
+        raise ValueError(
+            f"the parser of dataset {name!r} returned training pids that are not 0..{len(labels) - 1}: they index the "
+            "classifier (ReIDDataset.from_samples relabels them)"
+        )
+    return dataset
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset to build: its name (built in or registered), root and parser keyword arguments."""
+
+    name: str
+    root: str
+    kwargs: dict = field(default_factory=dict)
+
+    def build(self) -> ReIDDataset:
+        return build_dataset(self.name, self.root, **self.kwargs)
+
+
+def combine_datasets(datasets: Sequence[ReIDDataset]) -> ReIDDataset:
+    """Trains on every dataset's training split, tests on the first one's query and gallery (the training
+    part of torchreid's and fast-reid's "combineall").
+
+    Identities and cameras are offset per dataset, so no two datasets share a label: the class count is the
+    sum of their training identities, the known cameras follow each other, and images without camera ids keep
+    negative ids of their own. The first dataset keeps its labels, so its training and test cameras agree.
+    """
+    if not datasets:
+        raise ValueError("combine_datasets needs at least one dataset")
+    if len(datasets) == 1:
+        return datasets[0]
+    train: list[Sample] = []
+    owners: dict[str, str] = {}
+    pid_offset = camera_offset = own_camera_offset = 0
+    for dataset in datasets:
+        for path, pid, camid in dataset.train:
+            if path in owners:
+                raise ValueError(
+                    f"image {path!r} is in the training splits of both {owners[path]} and {dataset.name}: combine "
+                    "datasets with distinct images (a dataset named twice?)"
+                )
+            owners[path] = dataset.name
+            camid = camid + camera_offset if camid >= 0 else camid - own_camera_offset
+            train.append((path, pid + pid_offset, camid))
+        pid_offset += max(pid for _, pid, _ in dataset.train) + 1
+        camera_offset += max((camid for _, _, camid in dataset.train if camid >= 0), default=-1) + 1
+        own_camera_offset -= min((camid for _, _, camid in dataset.train if camid < 0), default=0)
+    first = datasets[0]
+    name = "+".join(dataset.name for dataset in datasets)
+    return ReIDDataset(name, first.root, train, first.query, first.gallery, parts=tuple(datasets))

@@ -50,6 +50,10 @@ def rebuilding(path: str | Path) -> Iterator[None]:
         ) from error
 
 
+# Checkpoints written before `nonlocal_inter_channels` existed were built with blocks of half width.
+LEGACY_MODEL_DEFAULTS = {"nonlocal_inter_channels": "half"}
+
+
 def module_arguments(hparams: dict[str, Any]) -> dict[str, Any]:
     """LitReID's arguments for a trained model: no pretrained download, no teacher.
 
@@ -57,7 +61,7 @@ def module_arguments(hparams: dict[str, Any]) -> dict[str, Any]:
     terms (parameter-free) are dropped with it.
     """
     losses = [term for term in hparams["losses"] if term.get("target", "pids") not in TEACHER_TARGETS]
-    model = {**hparams["model"], "pretrained": "none"}
+    model = {**LEGACY_MODEL_DEFAULTS, **hparams["model"], "pretrained": "none"}
     return {**hparams, "model": model, "losses": losses, "teacher_ckpt": None}
 
 
@@ -68,7 +72,11 @@ LIT_MODEL_OPTIONS = ("channels_last", "compile")
 def network_from_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> ReIDModel:
     """The checkpoint's ReIDModel alone (no loss stack, no Lightning), with every weight key matched."""
     hparams = checkpoint["hyper_parameters"]
-    model_kwargs = {key: value for key, value in hparams["model"].items() if key not in LIT_MODEL_OPTIONS}
+    model_kwargs = {
+        key: value
+        for key, value in {**LEGACY_MODEL_DEFAULTS, **hparams["model"]}.items()
+        if key not in LIT_MODEL_OPTIONS
+    }
     weights = {
         name.removeprefix("model."): value
         for name, value in checkpoint["state_dict"].items()

@@ -54,8 +54,9 @@ class RNGStateCheckpoint(pl.Callback):
 
 class RankedListLogger(pl.Callback):
     """At each validation, draws `num_queries` queries' top-`topk` gallery images (true matches framed
-    green, false red) into TensorBoard as "val/ranked_lists", and sends `embedding_size` gallery features
-    with thumbnails to its embedding projector as "val/gallery". 0 turns either off.
+    green, false red) into TensorBoard as "<split>/ranked_lists", and sends `embedding_size` gallery features
+    with thumbnails to its embedding projector as "<split>/gallery", where split is what the validation loop
+    scores ("test", or "val" for held-out training identities). 0 turns either off.
 
     Shows the very ranking the validation metrics scored (the samples `ReIDMetric` gathered, its distance),
     always for the same evenly spaced queries, so epochs compare. Without a TensorBoard logger it does
@@ -90,19 +91,24 @@ class RankedListLogger(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         samples = getattr(pl_module, "validation_samples", None)
         pl_module.validation_samples = None  # up to a whole gallery's features: never held past this hook
-        dataset = getattr(trainer.datamodule, "dataset", None)
-        if samples is None or trainer.sanity_checking or not trainer.is_global_zero or dataset is None:
+        datamodule = trainer.datamodule
+        if samples is None or trainer.sanity_checking or not trainer.is_global_zero or datamodule is None:
             return
         writer = self._writer(trainer)
         if writer is None:
             return
-        image_paths = [path for path, _, _ in dataset.query + dataset.gallery]
+        image_paths = [path for path, _, _ in datamodule.validation_samples()]
+        split = pl_module.validation_name
         if self.num_queries:
-            self._log_ranked_lists(writer, samples, image_paths, pl_module.val_metric.distance, trainer.global_step)
+            self._log_ranked_lists(
+                writer, samples, image_paths, pl_module.val_metric.distance, trainer.global_step, split
+            )
         if self.embedding_size:
-            self._log_embedding(writer, samples, image_paths, trainer.global_step)
+            self._log_embedding(writer, samples, image_paths, trainer.global_step, split)
 
-    def _log_ranked_lists(self, writer, samples: dict, image_paths: list[str], metric: str, step: int) -> None:
+    def _log_ranked_lists(
+        self, writer, samples: dict, image_paths: list[str], metric: str, step: int, split: str
+    ) -> None:
         from agw_light.visualization import pick_positions, protocol_junk, ranked_list_pictures, stack_rows
 
         is_query = samples["is_query"]
@@ -122,9 +128,9 @@ class RankedListLogger(pl.Callback):
         if topk < 1:
             return
         pictures = ranked_list_pictures(samples, image_paths, positions, metric=metric, topk=topk)
-        writer.add_image("val/ranked_lists", np.asarray(stack_rows(pictures)), global_step=step, dataformats="HWC")
+        writer.add_image(f"{split}/ranked_lists", np.asarray(stack_rows(pictures)), global_step=step, dataformats="HWC")
 
-    def _log_embedding(self, writer, samples: dict, image_paths: list[str], step: int) -> None:
+    def _log_embedding(self, writer, samples: dict, image_paths: list[str], step: int, split: str) -> None:
         from agw_light.visualization import load_thumbnails, pick_positions
 
         gallery = torch.nonzero(~samples["is_query"]).squeeze(1)
@@ -135,6 +141,6 @@ class RankedListLogger(pl.Callback):
             samples["features"][rows].float(),
             metadata=[str(pid) for pid in samples["pids"][rows].tolist()],
             label_img=load_thumbnails([image_paths[i] for i in samples["index"][rows].tolist()]),
-            tag="val/gallery",
+            tag=f"{split}/gallery",
             global_step=step,
         )

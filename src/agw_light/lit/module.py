@@ -64,6 +64,9 @@ class LitReID(pl.LightningModule):
         image_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        # Recorded explicitly (save_hyperparameters reads the arguments below), so a checkpoint always says
+        # which non-local width it holds, whatever the default becomes.
+        model = {"nonlocal_inter_channels": 1, **model}
         model_kwargs = dict(model)
         channels_last = model_kwargs.pop("channels_last", False)
         self.channels_last = torch.cuda.is_available() if channels_last == "auto" else bool(channels_last)
@@ -150,12 +153,20 @@ class LitReID(pl.LightningModule):
             self.validation_samples = self.val_metric.kept_samples
         self.val_metric.kept_samples = None
         self.val_metric.reset()
+        split = self.validation_name
         for name, value in results.items():
             # compute() already gathered every rank, so each rank logs the same value: no further reduction.
-            self.log(f"val/{name}", value, prog_bar=name in ("R1", "mAP"), sync_dist=False)
+            self.log(f"{split}/{name}", value, prog_bar=name in ("R1", "mAP"), sync_dist=False)
         if not self.trainer.sanity_checking:
-            summary = "  ".join(f"{name} {value:.4f}" for name, value in results.items())
+            summary = "  ".join(f"{split}/{name} {value:.4f}" for name, value in results.items())
             self.print(f"epoch {self.current_epoch}: {summary}")
+
+    @property
+    def validation_name(self) -> str:
+        """The split the validation loop scores, as its metrics are named: "test" unless the DataModule holds
+        out training identities for validation ("val"). Test metrics only monitor; they never select."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "validation_name", "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

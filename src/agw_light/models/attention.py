@@ -5,11 +5,15 @@ What the AGW authors' code does (mangye16/ReID-Survey, modeling/layer/non_local.
   weight and bias start at zero, so a new block is the identity and can be dropped into a pretrained ResNet.
 - The pairwise function is the *dot product divided by N* (N = number of spatial positions), not the
   embedded-Gaussian softmax.
-- Their inter-channel count is written ``reduc_ratio // reduc_ratio``, which evaluates to 1 channel; the
-  evident intent (and Wang et al.'s design) is ``in_channels // 2``. We follow the intent: ``reduction=2``.
+- Their inter-channel count is written ``reduc_ratio // reduc_ratio``, which evaluates to 1 channel, and so
+  do fast-reid's and light-reid's. Every published AGW number comes from that network, so it is the default
+  here (``inter_channels=1``). Wang et al.'s design, and the evident intent of that line, is
+  ``in_channels // 2``: ``inter_channels="half"`` (``model.nonlocal_inter_channels=half``).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -18,14 +22,10 @@ from torch import nn
 class NonLocalBlock(nn.Module):
     """Adds to each position a learned mix of all positions' features: z = x + W(f(x) g(x) / N)."""
 
-    def __init__(self, in_channels: int, *, reduction: int = 2) -> None:
+    def __init__(self, in_channels: int, *, inter_channels: int | Literal["half"] = 1) -> None:
         super().__init__()
-        if in_channels < 1 or reduction < 1:
-            raise ValueError(
-                f"NonLocalBlock needs in_channels >= 1 and reduction >= 1, got {in_channels} and {reduction}"
-            )
         self.in_channels = in_channels
-        self.inter_channels = max(1, in_channels // reduction)
+        self.inter_channels = inter_channel_count(in_channels, inter_channels)
         self.theta = nn.Conv2d(in_channels, self.inter_channels, kernel_size=1)
         self.phi = nn.Conv2d(in_channels, self.inter_channels, kernel_size=1)
         self.g = nn.Conv2d(in_channels, self.inter_channels, kernel_size=1)
@@ -45,3 +45,21 @@ class NonLocalBlock(nn.Module):
         affinity = theta.transpose(1, 2) @ phi / (height * width)  # (B, N, N): query i, key j
         attended = g @ affinity.transpose(1, 2)  # (B, C', N): column i = sum_j affinity[i, j] g[:, j]
         return x + self.output(attended.view(batch, self.inter_channels, height, width))
+
+
+def inter_channel_count(in_channels: int, inter_channels: int | str) -> int:
+    """The block's inner width: a positive count, or "half" of `in_channels` (Wang et al.'s choice)."""
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"NonLocalBlock needs in_channels >= 1, got {in_channels!r}")
+    if inter_channels == "half":
+        return max(1, in_channels // 2)
+    if (
+        isinstance(inter_channels, bool)
+        or not isinstance(inter_channels, int)
+        or not 1 <= inter_channels <= in_channels
+    ):
+        raise ValueError(
+            f"nonlocal_inter_channels={inter_channels!r}: expected 'half' or an integer between 1 and the "
+            f"stage's {in_channels} channels (1: the AGW authors' network)"
+        )
+    return inter_channels

@@ -77,7 +77,7 @@ class ResNetBackbone(nn.Module):
         *,
         last_stride: int = 1,
         nonlocal_layers: Sequence[int] | None = None,
-        nonlocal_reduction: int = 2,
+        nonlocal_inter_channels: int | str = 1,
     ) -> None:
         super().__init__()
         from torchvision import models  # deferred: torchvision adds a second to every CLI start
@@ -102,7 +102,7 @@ class ResNetBackbone(nn.Module):
             if count:
                 self.nonlocal_blocks[stage_name] = nn.ModuleDict(
                     {
-                        str(index): NonLocalBlock(channels, reduction=nonlocal_reduction)
+                        str(index): NonLocalBlock(channels, inter_channels=nonlocal_inter_channels)
                         for index in range(depth - count, depth)
                     }
                 )

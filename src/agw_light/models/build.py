@@ -28,6 +28,7 @@ def build_model(
     pretrained: str | Path | None = "none",
     last_stride: int = 1,
     nonlocal_layers: Sequence[int] | None = None,
+    nonlocal_inter_channels: int | str = 1,
     gem_p: float = 3.0,
     gem_learnable: bool = True,
     neck: str = "bnneck",
@@ -39,7 +40,9 @@ def build_model(
     pretrained: "none" (random init), "imagenet" (torchvision IMAGENET1K_V1, needs internet once) or the path
     of a ResNet state_dict. nonlocal_layers: non-local blocks per stage (layer1..layer4), after the stage's
     last blocks; None picks the AGW authors' placement for the backbone ((0, 2, 3, 0) for resnet50, none for
-    resnet18/34). gem_learnable: AGW learns p, starting from gem_p.
+    resnet18/34). nonlocal_inter_channels: each block's inner width, 1 as in the AGW authors' code (the
+    published network) or "half" of its input channels (Wang et al.'s non-local design).
+    gem_learnable: AGW learns p, starting from gem_p.
     neck: "bnneck" (float feature), "hash" (one binary code, light feature) or "pyramid" (codes of several
     lengths, light search). code_lengths: the code heads' lengths, longest first; None keeps the head's
     default (2048 bits for "hash", 2048..32 for "pyramid"); "hash" takes exactly one length.
@@ -51,7 +54,9 @@ def build_model(
     if neck not in NECKS:
         raise ValueError(f"unknown neck {neck!r}; known: {', '.join(sorted(NECKS))}")
     neck_options = _neck_options(neck, code_lengths)
-    trunk = BACKBONES[backbone](last_stride=last_stride, nonlocal_layers=nonlocal_layers)
+    trunk = BACKBONES[backbone](
+        last_stride=last_stride, nonlocal_layers=nonlocal_layers, nonlocal_inter_channels=nonlocal_inter_channels
+    )
     load_pretrained(trunk, pretrained)
     pooling = GeneralizedMeanPooling(gem_p, learnable=gem_learnable)
     head = NECKS[neck](trunk.out_channels, num_classes, pooling=pooling, **neck_options)

@@ -1,0 +1,174 @@
+"""Generic layouts for a dataset of one's own: list files, or a folder per identity.
+
+Both return split -> [(absolute image path, pid, camid or None)]; `ReIDDataset.from_samples` turns that into
+a dataset (training pids relabelled, a camera of its own for every image without a camera id). Every bad
+line or file is an error naming the file (and line) and what was expected, found before any training.
+
+List files (`read_image_lists`), one per split, each line ``<path> <pid> [<camid>]``:
+
+* fields are separated by whitespace, so a path cannot hold spaces; the path is relative to the root (or
+  absolute), pid and camid are non-negative integers;
+* a line whose first non-blank character is ``#`` is a comment, blank lines are skipped (a ``#`` later in
+  a line is part of it: file names may hold one);
+* either every line of every list has a camid or none has;
+* every listed image must exist; an image listed twice in one split is an error, and so is an image whose
+  pid differs between the query and gallery lists (listing a query image in the gallery too is fine).
+
+A folder per identity (`scan_identity_folders`): ``<root>/<split>/<pid>/<image>``, pid folders named by
+non-negative integers; the camera comes from an optional regular expression with one group of digits
+searched in the file name (e.g. ``c(\\d+)``). Files that are not images (by extension) are skipped, hidden
+entries (``.name``) too; a file directly in a split folder is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# (path, pid, camid or None: no camera id known).
+LayoutSample = tuple[str, int, int | None]
+
+SPLITS = ("train", "query", "gallery")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LIST_LINE_TEXT = "'<path> <pid> [<camid>]': a path without spaces, then non-negative integers"
+NON_NEGATIVE_INTEGER = re.compile(r"\d+")
+
+
+def _dataset_root(root: str | Path, layout: str, expected: str) -> str:
+    path = os.path.abspath(Path(root).expanduser())
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{layout} root {path!r} does not exist or is not a folder; expected {expected}")
+    return path
+
+
+def _read_list(list_path: str, root: str) -> list[tuple[int, LayoutSample]]:
+    """(line number, sample) of every data line of one list file."""
+    rows = []
+    with open(list_path, encoding="utf-8-sig") as lines:  # a BOM (some editors write one) is not part of the path
+        for line_number, line in enumerate(lines, start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            where = f"{list_path}, line {line_number}"
+            fields = text.split()
+            if len(fields) not in (2, 3):
+                raise ValueError(f"{where}: {len(fields)} fields in {text!r}; expected {LIST_LINE_TEXT}")
+            path, pid, *camid = fields
+            for name, value in (("pid", pid), *(("camid", value) for value in camid)):
+                if not NON_NEGATIVE_INTEGER.fullmatch(value):
+                    raise ValueError(
+                        f"{where}: {name} {value!r} is not a non-negative integer; expected {LIST_LINE_TEXT}"
+                    )
+            image = os.path.normpath(os.path.join(root, path))
+            if not os.path.isfile(image):
+                raise FileNotFoundError(
+                    f"{where}: image {image!r} does not exist (paths are relative to the root {root!r})"
+                )
+            rows.append((line_number, (image, int(pid), int(camid[0]) if camid else None)))
+    return rows
+
+
+def read_image_lists(
+    root: str | Path, *, train: str = "train.txt", query: str = "query.txt", gallery: str = "gallery.txt"
+) -> dict[str, list[LayoutSample]]:
+    """The three list files (relative to `root`, or absolute) as split -> samples; see the module docstring."""
+    files = {"train": train, "query": query, "gallery": gallery}
+    expected = "a folder holding the list files " + ", ".join(files.values())
+    root = _dataset_root(root, "image_list", expected)
+    splits: dict[str, list[LayoutSample]] = {}
+    first_line: dict[bool, str] = {}  # has a camid -> where the first such line is
+    seen: dict[str, dict[str, tuple[str, int]]] = {}  # split -> image -> (where, pid)
+    for split, name in files.items():
+        list_path = os.path.join(root, name)
+        if not os.path.isfile(list_path):
+            raise FileNotFoundError(f"image_list {split} list {list_path!r} does not exist; expected {expected}")
+        rows = _read_list(list_path, root)
+        if not rows:
+            raise ValueError(f"{list_path}: lists no image; expected lines {LIST_LINE_TEXT}")
+        images = seen.setdefault(split, {})
+        for line_number, (image, pid, camid) in rows:
+            where = f"{list_path}, line {line_number}"
+            first_line.setdefault(camid is not None, where)
+            if len(first_line) > 1:
+                has, lacks = first_line[True], first_line[False]
+                raise ValueError(
+                    f"{where}: mixes lines with and without a camid ({has} has one, {lacks} has none); give every "
+                    "line of every list a camid, or none"
+                )
+            if image in images:
+                raise ValueError(
+                    f"{where}: image {image!r} is listed twice in the {split} list (first at {images[image][0]})"
+                )
+            images[image] = (where, pid)
+            if split == "gallery" and image in seen["query"] and seen["query"][image][1] != pid:
+                other, other_pid = seen["query"][image]
+                raise ValueError(f"{where}: image {image!r} has pid {pid}, but pid {other_pid} at {other}")
+        splits[split] = [sample for _, sample in rows]
+    return splits
+
+
+def _camera_regex(camera_pattern: str) -> re.Pattern[str]:
+    try:
+        regex = re.compile(camera_pattern)
+    except re.error as error:
+        raise ValueError(f"camera_pattern {camera_pattern!r} is not a regular expression: {error}") from error
+    if regex.groups != 1:
+        raise ValueError(
+            f"camera_pattern {camera_pattern!r} has {regex.groups} groups; expected exactly one, around the camera "
+            r"number (e.g. 'c(\d+)')"
+        )
+    return regex
+
+
+def _camera(regex: re.Pattern[str], image: str) -> int:
+    match = regex.search(os.path.basename(image))
+    if match is None or match[1] is None or not NON_NEGATIVE_INTEGER.fullmatch(match[1]):
+        found = "no match" if match is None else f"group {match[1]!r}"
+        raise ValueError(
+            f"image {image!r}: camera_pattern {regex.pattern!r} finds {found} in the file name; expected its group "
+            "to match the camera number (a non-negative integer)"
+        )
+    return int(match[1])
+
+
+def scan_identity_folders(
+    root: str | Path,
+    *,
+    train: str = "train",
+    query: str = "query",
+    gallery: str = "gallery",
+    camera_pattern: str | None = None,
+) -> dict[str, list[LayoutSample]]:
+    """``<root>/<split>/<pid>/<image>`` as split -> samples (names sorted); see the module docstring."""
+    folders = {"train": train, "query": query, "gallery": gallery}
+    expected = (
+        f"{', '.join(f + '/' for f in folders.values())} in it, each holding a folder per identity named by its pid"
+    )
+    root = _dataset_root(root, "image_folders", expected)
+    regex = None if camera_pattern is None else _camera_regex(camera_pattern)
+    splits: dict[str, list[LayoutSample]] = {}
+    for split, folder in folders.items():
+        split_dir = os.path.join(root, folder)
+        if not os.path.isdir(split_dir):
+            raise FileNotFoundError(f"image_folders {split} folder {split_dir!r} does not exist; expected {expected}")
+        samples: list[LayoutSample] = []
+        for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_dir():
+                raise ValueError(f"{entry.path!r} is a file in the {split} folder; expected only identity folders")
+            if not NON_NEGATIVE_INTEGER.fullmatch(entry.name):
+                raise ValueError(
+                    f"identity folder {entry.path!r}: {entry.name!r} is not a pid; expected a folder per identity "
+                    "named by its non-negative integer id"
+                )
+            for name in sorted(os.listdir(entry.path)):
+                image = os.path.join(entry.path, name)
+                if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(image):
+                    continue
+                samples.append((image, int(entry.name), None if regex is None else _camera(regex, image)))
+        if not samples:
+            raise ValueError(f"image_folders {split} folder {split_dir!r} holds no image; expected {expected}")
+        splits[split] = samples
+    return splits
