@@ -152,7 +152,7 @@ def test_encoder_backends_and_inputs_agree(compose_config, tmp_path):
     assert auto.checkpoint_sha256 == file_sha256(ckpt) and auto.image_size == (64, 32)
 
 
-def test_bad_files_get_errors_naming_them(compose_config, tmp_path, crafted_checkpoint):
+def test_bad_files_get_errors_naming_them(tmp_path, crafted_checkpoint):
     from agw_light.inference.onnx import export_onnx
     from agw_light.models import build_model
 
@@ -163,7 +163,9 @@ def test_bad_files_get_errors_naming_them(compose_config, tmp_path, crafted_chec
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         Encoder.from_onnx(tmp_path / "missing.onnx")
     bare = tmp_path / "bare.onnx"
-    bare.write_bytes(export_onnx(build_model("resnet18", num_classes=2).eval(), image_size=(32, 16), metadata={}))
+    bare.write_bytes(
+        export_onnx(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten()), image_size=(4, 2), metadata={})
+    )
     with pytest.raises(ValueError, match=r"bare.onnx lacks metadata \['image_size'"):
         Encoder.from_onnx(bare)
 
@@ -172,10 +174,11 @@ def test_bad_files_get_errors_naming_them(compose_config, tmp_path, crafted_chec
         Encoder.from_checkpoint(crafted, device="cpu")
     assert not marker.exists()
     with pytest.raises(ValueError, match="backend='tensorrt'"):
-        Encoder.from_checkpoint(tiny_checkpoint(compose_config, tmp_path, "hash")[0], backend="tensorrt")
+        Encoder.from_checkpoint(crafted, backend="tensorrt")
     (tmp_path / "notes.txt").write_text("not an image")
+    encoder = Encoder.from_network(build_model("resnet18", num_classes=2), image_size=(32, 16), backend="torch")
     with pytest.raises(OSError, match="cannot read image file .*notes.txt"):
-        Encoder.from_checkpoint(tmp_path / "hash.ckpt", device="cpu", backend="torch").encode([tmp_path / "notes.txt"])
+        encoder.encode([tmp_path / "notes.txt"])
 
 
 def test_agw_light_exposes_the_encoder_lazily():

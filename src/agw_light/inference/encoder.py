@@ -217,6 +217,7 @@ class Encoder:
         from agw_light.files import file_sha256
         from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
 
+        _resolve_backend(backend, pick_device(device))  # a wrong backend fails before the checkpoint is read
         checkpoint = read_checkpoint(path)
         network = network_from_checkpoint(path, checkpoint)
         size = image_size or checkpoint["hyper_parameters"].get("image_size")
