@@ -10,8 +10,10 @@ onnxscript); the TorchScript exporter still works but is deprecated.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,20 @@ def _require(module: str, why: str) -> Any:
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(f"{why} needs the {module!r} package: pip install -e '.[deploy]'") from error
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's graph passes log every rewrite at INFO (dozens of lines per model); keep warnings only."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def onnx_metadata(
@@ -83,7 +99,7 @@ def export_onnx(network: nn.Module, *, image_size: Sequence[int], metadata: dict
     height, width = (int(v) for v in image_size)
     network = network.cpu().eval()
     example = torch.zeros(2, 3, height, width)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             network,
             (example,),
