@@ -31,8 +31,10 @@ LAYERS = [
             "agw_light.visualization",
         ),
     ),
+    # The package's own __init__ (matched exactly, not as a prefix) only exports `agw_light.Encoder`, lazily.
+    ("inference", ("agw_light.inference", "agw_light")),
     ("lightning", ("agw_light.lit", "agw_light.data.datamodule")),
-    ("apps", ("agw_light.evaluation", "agw_light.reporting", "agw_light.builders")),
+    ("apps", ("agw_light.evaluation", "agw_light.reporting", "agw_light.builders", "agw_light.service")),
     (
         "commands",
         (
@@ -41,6 +43,8 @@ LAYERS = [
             "agw_light.evaluate",
             "agw_light.visualize",
             "agw_light.report",
+            "agw_light.serve",
+            "agw_light.export",
             "agw_light.search.__main__",
         ),
     ),
@@ -86,7 +90,8 @@ def layer_of(module: str) -> int:
     best, best_length = None, -1
     for level, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_length:
+            below = module.startswith(prefix + ".") and prefix != "agw_light"
+            if (module == prefix or below) and len(prefix) > best_length:
                 best, best_length = level, len(prefix)
     if best is None:
         raise AssertionError(f"{module} belongs to no layer: add it to LAYERS in {__file__}")

@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError
 
 from agw_light.data.datamodule import ReIDDataModule
 from agw_light.data.datasets import DatasetSource
-from agw_light.lit.checkpoint import read_checkpoint
+from agw_light.inference.checkpoint import read_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from agw_light.data.datamodule import ReIDDataModule
 from agw_light.files import file_sha256
+from agw_light.inference import Encoder, pick_device
 from agw_light.lit.module import LitReID
 from agw_light.metrics import RankAccumulator, evaluate_retrieval, rerank_blocks
 from agw_light.metrics.rerank import check_rerank_settings
@@ -27,13 +28,6 @@ from agw_light.results import format_summary, write_metrics
 from agw_light.search import CoarseToFineIndex, HammingIndex, build_index
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def describe_device(device: torch.device) -> str:
@@ -230,22 +224,17 @@ def evaluate_checkpoint(
     return row
 
 
-@torch.inference_mode()
 def extract_features(
     model: nn.Module, loader, device: torch.device, *, desc: str = "extracting features"
 ) -> dict[str, torch.Tensor]:
-    """Features of every image a query/gallery loader yields, with pids, cameras and the query flag."""
-    from tqdm import tqdm
+    """Features of every image a query/gallery loader yields, with pids, cameras and the query flag.
 
-    model = model.to(device).eval()
-    parts: dict[str, list[torch.Tensor]] = {"features": [], "pids": [], "camids": [], "is_query": [], "index": []}
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        parts["features"].append(model(batch["image"].to(device, non_blocking=True)).float().cpu())
-        parts["pids"].append(batch["pid"])
-        parts["camids"].append(batch["camid"])
-        parts["is_query"].append(batch["is_query"])
-        parts["index"].append(batch["index"])
-    return {name: torch.cat(values) for name, values in parts.items()}
+    Through `agw_light.inference.Encoder` (torch backend, the table's), which also encodes users' own images.
+    """
+    encoder = Encoder.from_network(model, image_size=None, device=device, backend="torch")
+    outputs = encoder.encode_loader(loader, desc=desc)
+    names = {"features": "features", "pids": "pid", "camids": "camid", "is_query": "is_query", "index": "index"}
+    return {name: outputs[key] for name, key in names.items()}
 
 
 def evaluate_features(

@@ -5,6 +5,8 @@ python -m agw_light.evaluate    evaluate a checkpoint: one metrics row      agw-
 python -m agw_light.visualize   ranked-list pictures of a checkpoint        agw-visualize
 python -m agw_light.report      a sweep's results table and plots           agw-report
 python -m agw_light.search      build / query a saved gallery index         agw-search
+python -m agw_light.export      a checkpoint as ONNX, with its metadata     agw-export
+python -m agw_light.serve       gallery search: JSON API and web page       agw-serve
 """
 
 from pathlib import Path

@@ -108,16 +108,12 @@ def reid_labels(path: Path) -> tuple[int, int]:
 
 
 def embed_images(module, paths: list[Path], *, height: int, width: int, batch_size: int, device) -> Any:
-    """The model's eval-mode output (feature or codes) for each image, in order."""
-    from torch.utils.data import DataLoader
+    """The model's eval-mode output (feature or codes) for each image, in order (`agw_light.inference.Encoder`,
+    torch backend: the outputs evaluation ranks)."""
+    from agw_light.inference import Encoder
 
-    from agw_light.data.datamodule import ReIDImageDataset
-    from agw_light.data.transforms import build_test_transform
-    from agw_light.evaluation import extract_features
-
-    samples = [(str(path), -1, -1) for path in paths]
-    loader = DataLoader(ReIDImageDataset(samples, build_test_transform(height, width)), batch_size=batch_size)
-    return extract_features(module, loader, device, desc="embedding images")["features"]
+    encoder = Encoder.from_network(module, image_size=(height, width), device=device, backend="torch")
+    return encoder.encode(paths, batch_size=batch_size, progress=True)
 
 
 def _embed_location(module, location: str | Path, options: dict[str, Any]) -> tuple[list[Path], Any]:

@@ -8,7 +8,7 @@ pixel, the same "mean-pixel" erasing AGW uses, over AGW's area range (2 % to 40 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,11 +27,11 @@ def _check_probability(value: float, name: str) -> None:
         raise ValueError(f"transform {name} must be a probability in [0, 1], got {value!r}")
 
 
-def _to_normalised_tensor() -> list:
+def _to_normalised_tensor(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> list:
     from torch import float32
     from torchvision.transforms import v2
 
-    return [v2.ToImage(), v2.ToDtype(float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [v2.ToImage(), v2.ToDtype(float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def build_train_transform(
@@ -57,9 +57,11 @@ def build_train_transform(
     )
 
 
-def build_test_transform(height: int, width: int) -> Callable:
-    """Deterministic pipeline for query and gallery images."""
+def build_test_transform(
+    height: int, width: int, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Callable:
+    """Deterministic pipeline for query and gallery images (an exported model records its mean and std)."""
     from torchvision.transforms import v2
 
     _check_size(height, width)
-    return v2.Compose([v2.Resize((height, width)), *_to_normalised_tensor()])
+    return v2.Compose([v2.Resize((height, width)), *_to_normalised_tensor(mean, std)])

@@ -21,7 +21,7 @@ import torch
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from agw_light.files import write_atomic
-from agw_light.lit.checkpoint import read_checkpoint
+from agw_light.inference.checkpoint import read_checkpoint
 
 # What Lightning needs besides the weights to continue a run (a weights-only file lacks them).
 TRAINING_STATE_KEYS = ("epoch", "global_step", "loops", "optimizer_states", "lr_schedulers")

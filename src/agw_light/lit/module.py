@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from agw_light.files import file_sha256
-from agw_light.lit.checkpoint import module_arguments, read_checkpoint, rebuilding
+from agw_light.inference.checkpoint import module_arguments, read_checkpoint, rebuilding
 from agw_light.lit.teacher import load_teacher, teacher_targets
 from agw_light.losses import TEACHER_TARGETS, build_loss_stack
 from agw_light.metrics import ReIDMetric
@@ -96,7 +96,7 @@ class LitReID(pl.LightningModule):
         """A trained module rebuilt from its checkpoint alone, in eval mode, every weight key matched.
 
         What Lightning's `load_from_checkpoint(..., weights_only=True, strict=True)` does, with the arguments
-        a trained model needs (`agw_light.lit.checkpoint.module_arguments`): no pretrained download, no
+        a trained model needs (`agw_light.inference.checkpoint.module_arguments`): no pretrained download, no
         teacher. The file is read once, and a file that is not a checkpoint gets an error naming it.
         """
         checkpoint = read_checkpoint(path, map_location)

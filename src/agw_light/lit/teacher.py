@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from agw_light.files import file_sha256
-from agw_light.lit.checkpoint import network_from_checkpoint, read_checkpoint
+from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
 from agw_light.models import BNNeckHead
 
 

@@ -1,0 +1,41 @@
+"""The gallery search service: `python -m agw_light.serve index=<index dir> [host=127.0.0.1 port=8000]`.
+
+Loads the index written by `python -m agw_light.search build` and the checkpoint its manifest records (a
+missing or changed checkpoint is refused, naming the file), then serves the JSON API and the web page of
+`agw_light.service.app` with uvicorn until stopped (Ctrl-C). Settings: conf/serve.yaml.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from agw_light.cli import CONF_DIR
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
+def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top, so that `--help` and `--cfg job` answer without loading torch.
+    import uvicorn
+
+    from agw_light.service.app import create_app
+    from agw_light.service.gallery import GallerySearch
+
+    try:
+        gallery = GallerySearch.open(
+            cfg.index, device=cfg.device, backend=cfg.backend, concurrent_queries=cfg.concurrent_queries
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"serve: {error}") from error
+    app = create_app(gallery, max_upload_bytes=cfg.max_upload_bytes, max_k=cfg.max_k, thumb_size=tuple(cfg.thumb_size))
+    described = gallery.describe()
+    print(
+        f"serving {described['size']} gallery images ({described['index_kind']} index) from {cfg.index} "
+        f"at http://{cfg.host}:{cfg.port}/",
+        flush=True,
+    )
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+
+
+if __name__ == "__main__":
+    main()

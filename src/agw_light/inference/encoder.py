@@ -1,0 +1,310 @@
+"""Encoder: images in, what the model ranks with out, from a checkpoint or an exported ONNX file.
+
+One preprocessing (`build_test_transform` at the model's own image size and normalisation) and one output
+(the eval forward: the float feature, or the relaxed codes of every pyramid level, before the model's
+`ranking_features`), whatever runs the network: PyTorch on any device, or onnxruntime on the CPU.
+Evaluation, the ranked-list pictures and the search CLI embed through it, so a user's own images are
+encoded exactly as the benchmark's were.
+
+Backends: "torch" runs the rebuilt network; "onnxruntime" runs its ONNX export (about twice as fast on the
+CPU, see docs/benchmarks.md). "auto" picks onnxruntime for a CPU device when the `deploy` extra is installed,
+else torch. A checkpoint run through onnxruntime is exported in memory when the encoder is built (seconds;
+no file to go stale or to clean up); `python -m agw_light.export` writes the file once for `from_onnx`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+BACKENDS = ("auto", "torch", "onnxruntime")
+# encode() shows a progress bar from this many images on (a single request stays quiet).
+PROGRESS_MIN_IMAGES = 512
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Every image file below `folder`, recursively, sorted (so outputs come in a reproducible order)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ValueError(f"{folder}: no images found (expected files ending in {list(IMAGE_SUFFIXES)})")
+    return images
+
+
+def _open_rgb(source: Any) -> Image.Image:
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (OSError, AttributeError, TypeError) as error:  # missing, truncated, not an image, not a path
+        raise OSError(f"cannot read image file {str(source)!r}: {error}") from error
+
+
+class _Images(torch.utils.data.Dataset):
+    """PIL images or image paths, preprocessed one by one (a DataLoader's workers can share the decoding)."""
+
+    def __init__(self, sources: Sequence[Any], transform: Callable) -> None:
+        self.sources = sources
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(_open_rgb(self.sources[index]))
+
+
+def pick_device(name: str | torch.device) -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU; any other name is torch's."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def onnxruntime_available() -> bool:
+    """The `deploy` extra is installed: onnxruntime to run, onnxscript (with onnx) to export."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript", "onnx"))
+
+
+class _TorchRunner:
+    def __init__(self, network: nn.Module, device: torch.device) -> None:
+        self.network = network.to(device).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images.to(self.device, non_blocking=True)).float().cpu()
+
+
+class _OnnxRuntimeRunner:
+    """An onnxruntime CPU session tuned for throughput: every graph optimisation, `threads` intra-op threads."""
+
+    def __init__(self, model: bytes | str | Path, *, threads: int | None = None, source: str | Path) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: not the per-node placement notes
+        # Idle threads sleep instead of spinning: a spinning pool slows whatever shares the cores (the
+        # service beside it, torch in the same process, other jobs) for a gain lost in the noise here.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = onnxruntime.InferenceSession(
+                model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+            raise ValueError(f"ONNX model {source} cannot be loaded by onnxruntime: {error}") from error
+        self.input_name = self.session.get_inputs()[0].name
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+class Encoder:
+    """Images -> the model's eval output (float features or relaxed codes), one row per image.
+
+    Build it with `from_checkpoint`, `from_onnx` or `from_network`. It exposes what a user of the outputs
+    needs: `distance` (how to compare them), `code_lengths` (None for a float feature; else the pyramid, whose
+    first `code_lengths[0]` columns exact ranking compares), `image_size` (height, width) and
+    `checkpoint_sha256` (None when unknown), and `backend` ("torch" or "onnxruntime").
+    """
+
+    def __init__(
+        self,
+        run: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        backend: str,
+        image_size: Sequence[int] | None,
+        distance: str,
+        code_lengths: Sequence[int] | None,
+        checkpoint_sha256: str | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self._run = run
+        self.backend = backend
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self.distance = distance
+        self.code_lengths = None if code_lengths is None else tuple(int(v) for v in code_lengths)
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.transform = (
+            None if self.image_size is None else build_test_transform(*self.image_size, mean=self.mean, std=self.std)
+        )
+
+    # --- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_network(
+        cls,
+        network: nn.Module,
+        *,
+        image_size: Sequence[int] | None,
+        device: str | torch.device = "auto",
+        backend: str = "torch",
+        checkpoint_sha256: str | None = None,
+        threads: int | None = None,
+    ) -> Encoder:
+        """An encoder around an in-memory network: a `ReIDModel`, or a module whose `.model` is one (LitReID,
+        which then runs with its own options such as channels_last). Without an `image_size` it only encodes
+        preprocessed batches (`encode_loader`, `__call__`); onnxruntime needs one (the exported input size)."""
+        model = getattr(network, "model", network)
+        device = pick_device(device)
+        backend = _resolve_backend(backend, device)
+        if backend == "onnxruntime":
+            from agw_light.inference.onnx import export_onnx, onnx_metadata
+
+            if image_size is None:
+                raise ValueError("backend='onnxruntime' exports the network at one input size: pass image_size")
+
+            metadata = onnx_metadata(
+                image_size=image_size,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                code_lengths=model.code_lengths,
+                distance=model.distance,
+                checkpoint_sha256=checkpoint_sha256,
+            )
+            onnx_model = export_onnx(model, image_size=image_size, metadata=metadata)
+            run: Callable = _OnnxRuntimeRunner(onnx_model, threads=threads, source="<exported in memory>")
+        else:
+            run = _TorchRunner(network, device)
+        return cls(
+            run,
+            backend=backend,
+            image_size=image_size,
+            distance=model.distance,
+            code_lengths=model.code_lengths,
+            checkpoint_sha256=checkpoint_sha256,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "auto",
+        backend: str = "auto",
+        image_size: Sequence[int] | None = None,
+        threads: int | None = None,
+    ) -> Encoder:
+        """The checkpoint's network (read with weights_only=True, every weight key matched), at the image size
+        it was trained at unless `image_size` asks for another. `threads`: onnxruntime's intra-op threads
+        (default: torch's thread count)."""
+        from agw_light.files import file_sha256
+        from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
+
+        _resolve_backend(backend, pick_device(device))  # a wrong backend fails before the checkpoint is read
+        checkpoint = read_checkpoint(path)
+        network = network_from_checkpoint(path, checkpoint)
+        size = image_size or checkpoint["hyper_parameters"].get("image_size")
+        if not size:
+            raise ValueError(f"checkpoint {path} records no image size: pass image_size=(height, width)")
+        return cls.from_network(
+            network,
+            image_size=size,
+            device=device,
+            backend=backend,
+            checkpoint_sha256=file_sha256(path),
+            threads=threads,
+        )
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, *, threads: int | None = None) -> Encoder:
+        """An encoder for a file written by `python -m agw_light.export`, run by onnxruntime on the CPU."""
+        from agw_light.inference.onnx import parse_metadata
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {path}: no such file (expected one written by agw_light.export)")
+        if not onnxruntime_available():
+            raise ImportError(f"running ONNX model {path} needs onnxruntime: pip install -e '.[deploy]'")
+        runner = _OnnxRuntimeRunner(path, threads=threads, source=path)
+        values = parse_metadata(path, runner.metadata())
+        return cls(runner, backend="onnxruntime", **values)
+
+    # --- encoding -----------------------------------------------------------------------------------------
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The outputs for a preprocessed batch (N, 3, height, width), as a float32 CPU tensor."""
+        return self._run(images)
+
+    def encode(
+        self,
+        images: str | Path | Sequence[Any],
+        batch_size: int = 64,
+        *,
+        num_workers: int = 0,
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Outputs (N, D) for a list of PIL images, a list of image paths, or a folder (its image files,
+        recursively, sorted: `list_image_files`), in that order. `progress` (default: from 512 images on)
+        shows a tqdm bar."""
+        from torch.utils.data import DataLoader
+        from tqdm import tqdm
+
+        if self.transform is None:
+            raise ValueError("this encoder was built without an image size: it encodes batches (encode_loader)")
+        if isinstance(images, (str, Path)):
+            images = list_image_files(images)
+        images = list(images)
+        if not images:
+            raise ValueError("encode() got no images")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+        loader = DataLoader(_Images(images, self.transform), batch_size=batch_size, num_workers=num_workers)
+        show = len(images) >= PROGRESS_MIN_IMAGES if progress is None else progress
+        batches = tqdm(loader, desc="encoding images", unit="batch", leave=False, disable=not show)
+        return torch.cat([self(batch) for batch in batches])
+
+    def encode_loader(self, loader: Iterable[dict[str, Any]], *, desc: str = "encoding") -> dict[str, torch.Tensor]:
+        """Outputs for every batch of a loader of dict batches (an "image" tensor plus labels): "features",
+        and every other key of the batches concatenated (pids, cameras, query flags ...)."""
+        from tqdm import tqdm
+
+        parts: dict[str, list[torch.Tensor]] = {"features": []}
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+            parts["features"].append(self(batch["image"]))
+            for key, value in batch.items():
+                if key != "image":
+                    parts.setdefault(key, []).append(torch.as_tensor(value))
+        return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
+    if backend == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError(f"backend='onnxruntime' runs on the CPU, not on device {device}; use backend='torch'")
+        if not onnxruntime_available():
+            raise ImportError("backend='onnxruntime' needs onnxruntime, onnx, onnxscript: pip install -e '.[deploy]'")
+    return backend
+
+
+__all__ = ["BACKENDS", "Encoder", "list_image_files", "onnxruntime_available", "pick_device"]
