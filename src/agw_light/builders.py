@@ -5,6 +5,7 @@ Commands call these; the library below takes plain arguments and never sees a co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from agw_light.lit.checkpoint import read_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
 
+# The package's Hydra configs (a link to the repository's conf/; a wheel carries them).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 # Lightning accelerators that pick a CUDA GPU when there is one.
 CUDA_ACCELERATORS = ("auto", "gpu", "cuda")
 
@@ -71,6 +74,55 @@ def build_datamodule(cfg: DictConfig) -> ReIDDataModule:
     )
 
 
+def dataset_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved `dataset` node of conf/dataset/<name>.yaml, as composing `dataset=<name>` would give it.
+
+    Plain OmegaConf, not Hydra's compose: it works inside a running `@hydra.main` app and in tests alike.
+    A file under `# @package _global_` (synthetic.yaml) contributes its `dataset` node (its other keys tune a
+    training run, not a dataset); any other file is the node itself. `overrides` are dotted assignments from
+    the config root, as on the command line: `dataset.root=/data`, `dataset.kwargs.seed=1`.
+    """
+    path = CONF_DIR / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(entry.stem for entry in (CONF_DIR / "dataset").glob("*.yaml"))
+        raise ValueError(f"dataset {name!r}: no config {path}; known datasets: {', '.join(known)}")
+    loaded = OmegaConf.load(path)
+    is_global = path.read_text().lstrip().startswith("# @package _global_")
+    root = OmegaConf.create({"dataset": loaded.get("dataset") if is_global else loaded})
+    malformed = [entry for entry in overrides if not entry.startswith("dataset.") or "=" not in entry]
+    if malformed:
+        raise ValueError(f"dataset {name!r}: overrides must read dataset.<key>=<value>, got {malformed}")
+    root = OmegaConf.merge(root, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.create(OmegaConf.to_container(root, resolve=True)["dataset"])
+
+
+def with_dataset(cfg: DictConfig, dataset: DictConfig) -> DictConfig:
+    """A copy of `cfg` whose `dataset` node is `dataset` (the rest, e.g. the loader, kept)."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    OmegaConf.set_struct(copy, False)
+    copy.dataset = dataset
+    return copy
+
+
+def target_datamodules(cfg: DictConfig) -> dict[str, ReIDDataModule]:
+    """The DataModule of each name in `eval.targets` other than the run's own dataset, by name.
+
+    Each target keeps its own protocol (its parser, query and gallery) with the run's loader settings;
+    `eval.target_overrides.<name>` lists dataset overrides (`dataset.root=...`) for that target.
+    """
+    overrides = cfg.eval.get("target_overrides") or {}
+    unknown = sorted(set(overrides) - set(cfg.eval.get("targets") or ()))
+    if unknown:
+        raise ValueError(f"eval.target_overrides names {unknown}, which eval.targets does not list")
+    modules = {}
+    for name in cfg.eval.get("targets") or ():
+        if name == cfg.dataset.name or name in modules:
+            continue
+        node = dataset_config(name, list(overrides.get(name, ())))
+        modules[name] = build_datamodule(with_dataset(cfg, node))
+    return modules
+
+
 def loss_entries(cfg: DictConfig) -> list[dict]:
     """The row's loss stack entries: `losses`, then `distill_losses` (rows 2 and 5)."""
     return [
@@ -101,4 +153,5 @@ def build_module(cfg: DictConfig, num_classes: int) -> LitReID:
         teacher_ckpt=teacher_ckpt,
         image_size=(cfg.dataset.height, cfg.dataset.width),
         teacher_sha256=teacher_sha256,
+        train_dataset=cfg.dataset.name,
     )

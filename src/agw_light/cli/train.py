@@ -56,8 +56,8 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from agw_light.builders import build_datamodule, build_module, trainer_arguments
-    from agw_light.evaluation import evaluate_checkpoint
+    from agw_light.builders import build_datamodule, build_module, target_datamodules, trainer_arguments
+    from agw_light.evaluation import evaluate_checkpoint, evaluate_targets
     from agw_light.lit.callbacks import RankedListLogger, RNGStateCheckpoint
     from agw_light.lit.checkpointing import AtomicCheckpointIO, StopOnSignal, check_resumable
 
@@ -73,6 +73,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
+    targets = target_datamodules(cfg)  # before training: a bad eval.targets entry fails at once
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(cfg, datamodule.num_classes)
@@ -116,16 +117,17 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     if not trainer.is_global_zero:
         return {}
-    return evaluate_checkpoint(
-        best.best_model_path or last.best_model_path,
-        datamodule,
-        device=cfg.get("device", "auto"),
-        max_rank=cfg.eval.max_rank,
-        timing_batch_size=cfg.eval.timing_batch_size,
-        fit_images=cfg.eval.fit_images,
-        target_recall=cfg.eval.target_recall,
-        out_path=out_dir / "metrics.json",
-    )
+    reported = best.best_model_path or last.best_model_path
+    options = {
+        "device": cfg.get("device", "auto"),
+        "max_rank": cfg.eval.max_rank,
+        "timing_batch_size": cfg.eval.timing_batch_size,
+        "fit_images": cfg.eval.fit_images,
+        "target_recall": cfg.eval.target_recall,
+    }
+    row = evaluate_checkpoint(reported, datamodule, out_path=out_dir / "metrics.json", **options)
+    evaluate_targets(reported, targets, out_dir / "metrics.json", **options)  # cross-domain rows, if any
+    return row
 
 
 @contextlib.contextmanager
