@@ -77,3 +77,28 @@ def test_an_unlisted_target_override_is_refused(compose_config, tmp_path):
     )
     with pytest.raises(ValueError, match=r"eval.target_overrides names \['msmt17'\]"):
         evaluate(cfg)
+
+
+@pytest.mark.slow  # one training epoch (about 50 s on 2 shared cores)
+def test_training_evaluates_its_targets_at_the_end(compose_config, target_tree, tmp_path, monkeypatch):
+    from conftest import ONE_EPOCH
+
+    from agw_light.cli.train import train
+
+    monkeypatch.setattr(evaluation, "time_inference", lambda *args, **kwargs: 1.0)
+    cfg = compose_config(
+        *ONE_EPOCH,
+        "visualize.num_queries=0",
+        "visualize.embedding_size=0",
+        "device=cpu",
+        "eval.targets=[market1501]",
+        f"+eval.target_overrides.market1501=['dataset.root={target_tree}']",
+    )
+    own = train(cfg)
+    target = read_metrics(tmp_path / "run" / "metrics_market1501.json")
+    assert (own["dataset"], own["train_dataset"]) == ("synthetic", "synthetic")
+    assert (target["dataset"], target["train_dataset"], target["checkpoint"]) == (
+        "market1501",
+        "synthetic",
+        own["checkpoint"],
+    )
