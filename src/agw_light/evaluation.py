@@ -171,8 +171,9 @@ def evaluate_checkpoint(
             model.ranking_features(features), pids, camids, is_query, distance=model.distance, max_rank=max_rank
         )
         row.update(feature_dim=int(features.shape[1]), metric=model.distance)
-    # Same-person decisions on the full-length feature or code, whatever index ranks (see metrics.verification).
-    retrieval = model.ranking_features(features)
+    # Same-person decisions on the full-length feature or code, whatever index ranks (see metrics.verification),
+    # computed on the evaluation device: all query x gallery pairs cost as much as an exact ranking.
+    retrieval = model.ranking_features(features).to(torch_device)
     row.update(
         evaluate_verification(
             retrieval[is_query],
