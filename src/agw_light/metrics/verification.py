@@ -9,7 +9,8 @@ At MSMT17 size (11,659 x 82,161, about 958M pairs) the pairs are never held at o
 one block of query rows at a time and counted into histograms, one for positives and one for negatives.
 Bin i holds the pairs with thresholds[i - 1] < distance <= thresholds[i], so the cumulative counts are the
 exact numbers of pairs accepted at each grid threshold, and TPR / FPR at those thresholds are exact (up to
-the float rounding of the distance itself). The grid:
+the float rounding of the distance itself). Memory: the prepared (normalised or sign) copy of the features and
+one block of BLOCK_PAIRS distances, whatever the number of pairs (docs/benchmarks.md). The grid:
 
 - hamming: one bin per integer 0..bits, so thresholds are integers and every achievable decision is on it;
 - cosine (1 - cos, in [0, 2]): 2**16 bins of width 3.05e-5 (two int64 histograms of 512 KB). The grid only
