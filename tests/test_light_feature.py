@@ -286,6 +286,10 @@ def test_tiny_training_run(row, dim, compose_config, tmp_path):
     result = train(cfg)
     assert result["metric"] == "hamming"
     assert 0.0 <= result["R1"] <= 1.0 and 0.0 <= result["mAP"] <= 1.0
+    # Same-person thresholds of a code row are whole numbers of bits, on the full-length code.
+    assert all(
+        isinstance(entry["threshold"], int) and -1 <= entry["threshold"] <= 2048 for entry in result["verification"]
+    )
     if row == "search":  # coarse-to-fine rows also time the exact full-length scan they speed up
         assert result["exact_search_ms_per_query"] > 0 and 0.0 <= result["recall_at_1_of_exact"] <= 1.0
     logged = _logged_losses(tmp_path / "run/tensorboard")

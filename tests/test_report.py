@@ -435,3 +435,74 @@ def test_reranked_rows_are_marked_and_rows_without_the_key_read_as_not_reranked(
     assert "| 2048 | cosine + re-ranking (k1=20 k2=6 lambda=0.3) | 25.08 M | 0.945 |" in markdown
     assert "| 2048 | hamming | 25.08 M | 0.942 |" in markdown
     assert f"{bad / 'metrics.json'}: key rerank_k2 is None, expected int" in markdown
+
+
+def _verified(metrics: dict, dataset: str, train_dataset: str, tpr: float) -> dict:
+    """A row with the optional cross-domain and verification keys, as evaluate_checkpoint writes them."""
+    return {
+        **metrics,
+        "dataset": dataset,
+        "train_dataset": train_dataset,
+        "verification": [
+            {"target_fpr": fpr, "fpr": fpr / 2, "tpr": tpr * scale, "threshold": threshold}
+            for fpr, scale, threshold in ((1e-4, 0.5, 0.25), (1e-3, 0.75, 0.375), (1e-2, 1.0, 0.5))
+        ],
+        "roc": {"fpr": [0.0, 1e-4, 1e-2, 1.0], "tpr": [0.0, tpr / 2, tpr, 1.0], "threshold": [-3e-5, 0.25, 0.5, 2.0]},
+        "positive_pairs": 10,
+        "negative_pairs": 1000,
+        "excluded_pairs": 5,
+    }
+
+
+def test_cross_domain_rows_make_a_source_by_target_table_and_roc_plots(tmp_path, capsys):
+    root = tmp_path / "multirun"
+    full = ROWS["full"][5]
+    market = make_run(root, "full", metrics=_verified(full, "market1501", "market1501", 0.8), curves=False)
+    duke = make_run(
+        root, "full", dataset="dukemtmcreid", metrics=_verified(full, "dukemtmcreid", "dukemtmcreid", 0.7), curves=False
+    )
+    payload = json.loads((market / "metrics.json").read_text())
+    cross = {**payload, **_verified(full, "dukemtmcreid", "market1501", 0.4), "R1": 0.5, "mAP": 0.25}
+    (market / "metrics_dukemtmcreid.json").write_text(json.dumps(cross))
+    (duke / "metrics_market1501.json").write_text(json.dumps({**cross, "dataset": "msmt17"}))  # misnamed file
+
+    assert main([str(root)]) == 0
+
+    markdown = (root / "results.md").read_text()
+    section = markdown.split("## Cross-domain (R1 / mAP)")[1].split("## Same-person verification")[0]
+    assert "| source \\ target | dukemtmcreid | market1501 | run |" in section
+    assert "| dukemtmcreid | 0.945 / 0.865 | - | `dukemtmcreid/full` |" in section
+    assert "| market1501 | 0.500 / 0.250 | 0.945 / 0.865 | `market1501/full` |" in section
+    verification = markdown.split("## Same-person verification")[1]
+    assert "| 1 full | market1501 | dukemtmcreid | cosine | 0.200 (0.2500) | 0.300 (0.3750) | 0.400 (0.5000) |" in (
+        verification
+    )
+    assert "](roc_dukemtmcreid.png)" in verification and "](roc_market1501.png)" in verification
+    _assert_png(root / "roc_dukemtmcreid.png")
+    assert "holds a row of dataset 'msmt17', not of 'market1501'" in markdown
+    table = _read_csv(root / "results.csv")
+    assert [(entry["dataset"], entry["target"], entry["R1"]) for entry in table] == [
+        ("dukemtmcreid", "dukemtmcreid", str(full["R1"])),
+        ("market1501", "market1501", str(full["R1"])),
+        ("market1501", "dukemtmcreid", "0.5"),
+    ]
+    assert table[2]["TPR@FPR=1e-02"] == "0.4" and table[2]["threshold@FPR=1e-04"] == "0.25"
+    assert "roc_market1501.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train_dataset": 3}, "key train_dataset is 3, expected str"),
+        ({"verification": [{"target_fpr": 1e-4, "fpr": 0.0, "tpr": "high", "threshold": 3}]}, r"verification\[0\].tpr"),
+        ({"roc": {"fpr": [0.0], "tpr": [0.0, 1.0], "threshold": [0, 1]}}, "must have equal lengths"),
+        ({"roc": {"fpr": [float("nan")], "tpr": [0.0], "threshold": [0]}}, r"roc.fpr\[0\] is nan"),
+    ],
+)
+def test_malformed_optional_keys_are_named(tmp_path, change, message):
+    from agw_light.results import check_row
+
+    row = {"checkpoint": "x", "dataset": "market1501", **network_fields("full"), **ROWS["full"][5]}
+    assert check_row(dict(row), "row") == row  # a row without the optional keys still reads
+    with pytest.raises(ValueError, match=message):
+        check_row({**row, **change}, "row")

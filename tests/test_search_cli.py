@@ -177,3 +177,16 @@ def test_missing_gallery_folder_is_named(tmp_path):
     ckpt = _checkpoint(tmp_path / "model.ckpt", FLOAT_MODEL)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         main(["build", f"ckpt={ckpt}", f"gallery={tmp_path / 'nowhere'}", f"out={tmp_path / 'index'}"])
+
+
+def test_query_max_distance_drops_farther_hits(built_index, gallery_folder, capsys):
+    _, index = built_index
+    image = sorted(gallery_folder.glob("*.jpg"))[0]
+    ranked = _query(index, image, capsys)[0]["results"]
+    cut = (ranked[0]["distance"] + ranked[1]["distance"]) / 2  # keeps the image itself (distance ~0) only
+    assert [hit["index"] for hit in _query(index, image, capsys, f"max_distance={cut}")[0]["results"]] == [
+        ranked[0]["index"]
+    ]
+    assert _query(index, image, capsys, "max_distance=-1")[0]["results"] == []
+    with pytest.raises(SystemExit, match="max_distance='near'"):
+        _query(index, image, capsys, "max_distance=near")

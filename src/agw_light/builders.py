@@ -57,7 +57,7 @@ def model_arguments(cfg: DictConfig) -> dict[str, Any]:
 
 
 # The package's Hydra configs (a wheel carries them inside the package).
-PACKAGE_CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 GLOBAL_PACKAGE = "# @package _global_"
 
 
@@ -69,7 +69,7 @@ def _config_folders() -> list[Path]:
     folders = []
     if HydraConfig.initialized():
         folders = [Path(source.path) for source in HydraConfig.get().runtime.config_sources if source.schema == "file"]
-    return list(dict.fromkeys([*folders, PACKAGE_CONF_DIR]))
+    return list(dict.fromkeys([*folders, CONF_DIR]))
 
 
 def _apply_override(node: DictConfig, override: str, source: Path) -> None:
@@ -215,6 +215,48 @@ def holdout_images(cfg: DictConfig) -> int:
     return int(cfg.eval.val_images) if select == "val_split" else 0
 
 
+def evaluation_options(cfg: DictConfig) -> dict[str, Any]:
+    """`evaluate_checkpoint`'s protocol settings from the `eval` section: train and evaluate use the same."""
+    settings = cfg.eval
+    return {
+        "max_rank": settings.max_rank,
+        "timing_batch_size": settings.timing_batch_size,
+        "fit_images": settings.fit_images,
+        "target_recall": settings.target_recall,
+        "rerank": settings.rerank,
+        "rerank_k1": settings.rerank_k1,
+        "rerank_k2": settings.rerank_k2,
+        "rerank_lambda": settings.rerank_lambda,
+    }
+
+
+def with_dataset(cfg: DictConfig, dataset: DictConfig) -> DictConfig:
+    """A copy of `cfg` whose `dataset` node is `dataset` (the rest, e.g. the loader, kept)."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    OmegaConf.set_struct(copy, False)
+    copy.dataset = dataset
+    return copy
+
+
+def target_datamodules(cfg: DictConfig) -> dict[str, ReIDDataModule]:
+    """The DataModule of each name in `eval.targets` other than the run's own dataset, by name.
+
+    Each target keeps its own protocol (its parser, query and gallery) with the run's loader settings;
+    `eval.target_overrides.<name>` lists dataset overrides (`dataset.root=...`) for that target.
+    """
+    overrides = cfg.eval.get("target_overrides") or {}
+    unknown = sorted(set(overrides) - set(cfg.eval.get("targets") or ()))
+    if unknown:
+        raise ValueError(f"eval.target_overrides names {unknown}, which eval.targets does not list")
+    modules = {}
+    for name in cfg.eval.get("targets") or ():
+        if name == cfg.dataset.name or name in modules:
+            continue
+        node = dataset_config(name, list(overrides.get(name, ())))
+        modules[name] = build_datamodule(with_dataset(cfg, node))
+    return modules
+
+
 def loss_entries(cfg: DictConfig) -> list[dict]:
     """The row's loss stack entries: `losses`, then `distill_losses` (rows 2 and 5)."""
     return [
@@ -245,4 +287,5 @@ def build_module(cfg: DictConfig, num_classes: int) -> LitReID:
         teacher_ckpt=teacher_ckpt,
         image_size=(cfg.dataset.height, cfg.dataset.width),
         teacher_sha256=teacher_sha256,
+        train_dataset=cfg.dataset.name,
     )

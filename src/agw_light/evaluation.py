@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from agw_light.inference import Encoder, pick_device
 from agw_light.lit.module import LitReID
 from agw_light.metrics import RankAccumulator, evaluate_retrieval, rerank_blocks
 from agw_light.metrics.rerank import check_rerank_settings
+from agw_light.metrics.verification import evaluate_verification
 from agw_light.models import NonLocalBlock
 from agw_light.results import format_summary, write_metrics
 from agw_light.search import CoarseToFineIndex, HammingIndex, build_index
@@ -94,6 +95,10 @@ def evaluate_checkpoint(
     test queries or labels). The reported R1/mAP/mINP are those of the ranking that index returns, and the
     search time is that index's. metrics.json goes beside the checkpoint unless `out_path` is given.
 
+    The row also holds the same-person verification figures (`agw_light.metrics.verification`: TPR at FPR
+    1e-4 / 1e-3 / 1e-2 with each distance threshold, and a downsampled ROC curve) and, when the checkpoint
+    records it, the dataset the model was trained on ("train_dataset"; "dataset" is the one evaluated here).
+
     Images are resized to the checkpoint's training size, or to `image_size` (height, width) when given;
     the row records the size used ("image_size", e.g. "256x128": height x width, a flat value like the
     row's others) and, when it is not the training size, that one ("trained_image_size"). `selection` says
@@ -163,6 +168,11 @@ def evaluate_checkpoint(
     }
     if trained_size is not None and size != trained_size:
         row["trained_image_size"] = "x".join(map(str, trained_size))
+    train_dataset = hparams.get("train_dataset")
+    if train_dataset is not None:
+        row["train_dataset"] = train_dataset
+    else:
+        log.warning("the checkpoint records no training dataset (written before it was recorded): the row has none")
     if isinstance(index, CoarseToFineIndex):
         query = features[is_query]
         results = evaluate_coarse_to_fine(
@@ -207,6 +217,20 @@ def evaluate_checkpoint(
         )
         row.update(feature_dim=int(features.shape[1]), metric=model.distance)
     row.setdefault("rerank", False)
+    # Same-person decisions on the full-length feature or code, whatever index ranks (see metrics.verification),
+    # computed on the evaluation device: all query x gallery pairs cost as much as an exact ranking.
+    retrieval = model.ranking_features(features).to(torch_device)
+    row.update(
+        evaluate_verification(
+            retrieval[is_query],
+            retrieval[~is_query],
+            pids[is_query],
+            pids[~is_query],
+            camids[is_query],
+            camids[~is_query],
+            distance=model.distance,
+        )
+    )
     with torch.inference_mode():
         inference_ms = time_inference(
             module, height=size[0], width=size[1], device=torch_device, batch_size=timing_batch_size
@@ -222,6 +246,29 @@ def evaluate_checkpoint(
     # The summary starts on its own line, so its header and values stay aligned under the log prefix.
     log.info("wrote %s:\n%s", out_path, format_summary(row))
     return row
+
+
+def target_metrics_path(metrics_path: str | Path, target: str) -> Path:
+    """Where the row of an extra evaluation set goes: metrics_<target>.json beside the run's metrics.json."""
+    return Path(metrics_path).with_name(f"metrics_{target}.json")
+
+
+def evaluate_targets(
+    ckpt_path: str | Path, datamodules: Mapping[str, ReIDDataModule], metrics_path: str | Path, **options: Any
+) -> dict[str, dict[str, Any]]:
+    """Evaluates a checkpoint on each named DataModule (cross-domain sets), one row each, by target name.
+
+    metrics.json keeps the row of the run's own dataset; each target's row goes to `target_metrics_path`.
+    Each target uses its own query/gallery protocol; the classifier plays no part, so the number of training
+    identities does not matter. `options` are `evaluate_checkpoint`'s.
+    """
+    rows = {}
+    for name, datamodule in datamodules.items():
+        datamodule.prepare_data()
+        rows[name] = evaluate_checkpoint(
+            ckpt_path, datamodule, out_path=target_metrics_path(metrics_path, name), **options
+        )
+    return rows
 
 
 def extract_features(

@@ -10,6 +10,12 @@ the output folder (the multirun folder by default), each file atomically:
     results.csv                     the same rows, one per line, for scripts
     accuracy_vs_search_time.png     mAP against search ms per query (log axis), one point per row
     training_curves_<dataset>.png   train/loss and val/mAP or test/mAP against step, one line per row
+    roc_<dataset>.png               same-person ROC curves (TPR against FPR, log axis) of the rows
+                                    evaluated on that dataset, when their metrics hold one
+
+A run evaluated on other datasets too (`eval.targets`) leaves metrics_<target>.json beside metrics.json:
+those rows make a source x target table (R1 / mAP) in results.md and one CSV line each, whose "target"
+column names the set evaluated ("dataset" stays the training set).
 
 The timings are the ones each run measured when it was evaluated; the device that took them is named with
 every row. Where a run sits in the table (row number, light model / feature / search) is derived from its
@@ -52,6 +58,11 @@ METRIC_COLUMNS = (
     "selection",
     "checkpoint_sha256",
 )
+# Same-person verification columns (empty for rows written before verification existed).
+VERIFICATION_FPRS = (1e-4, 1e-3, 1e-2)
+VERIFICATION_COLUMNS = tuple(
+    name for fpr in VERIFICATION_FPRS for name in (f"TPR@FPR={fpr:.0e}", f"threshold@FPR={fpr:.0e}")
+)
 # "rerank": "off", or the k-reciprocal re-ranking's settings ("k1=20 k2=6 lambda=0.3").
 CSV_COLUMNS = (
     "dataset",
@@ -63,7 +74,11 @@ CSV_COLUMNS = (
     *METRIC_COLUMNS,
     "rerank",
     "run_dir",
+    "target",
+    *VERIFICATION_COLUMNS,
 )
+# Rows of a run on other datasets than its own (cross-domain), beside its metrics.json.
+TARGET_METRICS_GLOB = "metrics_*.json"
 ACCURACY_PLOT = "accuracy_vs_search_time.png"
 # val/mAP: held-out training ids (eval.select=val_split); test/mAP: the test split, monitored only.
 CURVE_TAGS = ("train/loss", "val/mAP", "test/mAP")
@@ -82,10 +97,18 @@ class RunRow:
     light_search: bool
     backbone: str
     metrics: dict[str, Any]
+    # Rows of this run's checkpoint on other datasets, by target name (metrics_<target>.json).
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # metrics_<target>.json files that could not be read, each with why.
+    target_problems: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         return f"{self.row or '-'} {self.light}"
+
+    def evaluations(self) -> list[tuple[str, dict[str, Any]]]:
+        """(evaluated dataset, row) of the run's own dataset, then of each target in name order."""
+        return [(self.dataset, self.metrics), *sorted(self.targets.items())]
 
 
 @dataclass(frozen=True)
@@ -172,6 +195,7 @@ def read_run(run_dir: str | Path) -> RunRow | RunFailure:
     except ValueError as error:
         return RunFailure(run_dir, str(error), **place)
     row, model_res18, light_feature, light_search = table_place(metrics)
+    targets, problems = _read_targets(run_dir)
     return RunRow(
         run_dir=run_dir,
         row=row,
@@ -180,8 +204,27 @@ def read_run(run_dir: str | Path) -> RunRow | RunFailure:
         light_search=light_search,
         backbone=metrics["backbone"],
         metrics=metrics,
+        targets=targets,
+        target_problems=problems,
         **place,
     )
+
+
+def _read_targets(run_dir: Path) -> tuple[dict[str, dict[str, Any]], tuple[str, ...]]:
+    """The cross-domain rows of a run folder by target name, and why any of them could not be used."""
+    targets, problems = {}, []
+    for path in sorted(run_dir.glob(TARGET_METRICS_GLOB)):
+        target = path.stem.removeprefix("metrics_")
+        try:
+            metrics = read_metrics(path)
+        except ValueError as error:
+            problems.append(str(error))
+            continue
+        if metrics["dataset"] != target:
+            problems.append(f"{path}: holds a row of dataset {metrics['dataset']!r}, not of {target!r}")
+            continue
+        targets[target] = metrics
+    return targets, tuple(problems)
 
 
 def collect_runs(root: str | Path) -> tuple[list[RunRow], list[RunFailure]]:
@@ -225,31 +268,116 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
+def verification_at(metrics: dict[str, Any], fpr: float) -> dict[str, Any] | None:
+    """The row's verification entry for a target FPR, or None (rows written before verification existed)."""
+    return next((entry for entry in metrics.get("verification", ()) if entry["target_fpr"] == fpr), None)
+
+
+def _verification_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    fields = {}
+    for fpr in VERIFICATION_FPRS:
+        entry = verification_at(metrics, fpr)
+        if entry is not None:
+            fields[f"TPR@FPR={fpr:.0e}"], fields[f"threshold@FPR={fpr:.0e}"] = entry["tpr"], entry["threshold"]
+    return fields
+
+
 def _csv_text(rows: Sequence[RunRow]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for run in rows:
-        fields = {
-            "dataset": run.dataset,
-            "row": run.row,
-            "light": run.light,
-            "backbone": run.backbone,
-            "run_dir": str(run.run_dir.resolve()),
-            **{key: run.metrics[key] for key in METRIC_COLUMNS},
-            "rerank": rerank_text(run.metrics),
-            "model_res18": run.model_res18,
-            "light_feature": run.light_feature,
-            "light_search": run.light_search,
-        }
-        writer.writerow(
-            [str(value).lower() if isinstance(value, bool) else value for value in map(fields.get, CSV_COLUMNS)]
-        )
+        for target, metrics in run.evaluations():
+            fields = {
+                "dataset": run.dataset,
+                "row": run.row,
+                "light": run.light,
+                "backbone": run.backbone,
+                "run_dir": str(run.run_dir.resolve()),
+                **{key: metrics[key] for key in METRIC_COLUMNS},
+                "rerank": rerank_text(metrics),
+                "model_res18": run.model_res18,
+                "light_feature": run.light_feature,
+                "light_search": run.light_search,
+                "target": target,
+                **_verification_fields(metrics),
+            }
+            writer.writerow(
+                [str(value).lower() if isinstance(value, bool) else value for value in map(fields.get, CSV_COLUMNS)]
+            )
     return buffer.getvalue()
 
 
+def _threshold_text(value: int | float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def _cross_domain_lines(root: Path, rows: Sequence[RunRow]) -> list[str]:
+    """One source x target table (R1 / mAP) per table row (light name) that has cross-domain results."""
+    lines: list[str] = []
+    for light in dict.fromkeys(run.light for run in rows if run.targets):
+        runs = [run for run in rows if run.light == light]
+        targets = sorted({name for run in runs for name, _ in run.evaluations()})
+        header = "| source \\ target | " + " | ".join(targets) + " | run |"
+        lines += ["", f"### {runs[0].label}", "", header, "|" + "---|" * (len(targets) + 2)]
+        for run in runs:
+            evaluated = dict(run.evaluations())
+            cells = [
+                f"{evaluated[name]['R1']:.3f} / {evaluated[name]['mAP']:.3f}" if name in evaluated else "-"
+                for name in targets
+            ]
+            source = run.metrics.get("train_dataset", f"{run.dataset} (not recorded in the checkpoint)")
+            lines.append(f"| {source} | " + " | ".join(cells) + f" | `{_relative(run.run_dir, root)}` |")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Cross-domain (R1 / mAP)",
+        "",
+        "Rows: the dataset a model was trained on; columns: the dataset it was evaluated on, each with its own "
+        "query/gallery protocol.",
+        *lines,
+    ]
+
+
+def _verification_lines(root: Path, rows: Sequence[RunRow], roc_files: dict[str, str]) -> list[str]:
+    """TPR at each FPR with its distance threshold (same person iff distance <= threshold), per evaluated row."""
+    evaluated = [(run, target, m) for run in rows for target, m in run.evaluations() if "verification" in m]
+    if not evaluated:
+        return []
+    columns = " | ".join(f"TPR @ FPR {fpr:.0e} (threshold)" for fpr in VERIFICATION_FPRS)
+    header = f"| row | trained on | evaluated on | metric | {columns} | run |"
+    lines = [
+        "",
+        "## Same-person verification",
+        "",
+        "All query x gallery pairs but same-identity same-camera ones; same person iff distance <= threshold "
+        "(1 - cosine, or Hamming bits).",
+        "",
+        header,
+        "|" + "---|" * header.count(" | ") + "---|",
+    ]
+    for run, target, m in evaluated:
+        cells = []
+        for fpr in VERIFICATION_FPRS:
+            entry = verification_at(m, fpr)
+            cells.append("-" if entry is None else f"{entry['tpr']:.3f} ({_threshold_text(entry['threshold'])})")
+        lines.append(
+            f"| {run.label} | {run.dataset} | {target} | {m['metric']} | "
+            + " | ".join(cells)
+            + f" | `{_relative(run.run_dir, root)}` |"
+        )
+    for dataset, name in roc_files.items():
+        lines += ["", f"![ROC curves, {dataset}]({name})"]
+    return lines
+
+
 def _markdown_text(
-    root: Path, rows: Sequence[RunRow], failures: Sequence[RunFailure], curve_files: dict[str, str]
+    root: Path,
+    rows: Sequence[RunRow],
+    failures: Sequence[RunFailure],
+    curve_files: dict[str, str],
+    roc_files: dict[str, str] | None = None,
 ) -> str:
     devices = sorted({run.metrics["device"] for run in rows})
     generated = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -285,13 +413,17 @@ def _markdown_text(
                 f"`{_relative(run.run_dir, root)}`",
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    if failures:
+    lines += _cross_domain_lines(root, rows)
+    lines += _verification_lines(root, rows, roc_files or {})
+    problems = [problem for run in rows for problem in run.target_problems]
+    if failures or problems:
         lines += ["", "## Rows that did not finish", ""]
         lines += [
             f"- row {failure.light or '?'} ({failure.dataset or 'unknown dataset'}), "
             f"`{_relative(failure.run_dir, root)}`: {failure.reason}"
             for failure in failures
         ]
+        lines += [f"- cross-domain row: {problem}" for problem in problems]
     lines += ["", "## mAP against search time", "", f"![mAP against search ms per query]({ACCURACY_PLOT})"]
     lines += ["", "## Training curves"]
     for dataset, name in curve_files.items():
@@ -326,6 +458,41 @@ def plot_accuracy_vs_search_time(rows: Sequence[RunRow], path: Path) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(title="dataset")
     write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+
+
+def plot_roc_curves(curves: dict[str, dict[str, list]], dataset: str, path: Path) -> None:
+    """TPR against FPR (log axis), one line per row evaluated on `dataset` (keyed by its label)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for label, roc in curves.items():
+        points = [(fpr, tpr) for fpr, tpr in zip(roc["fpr"], roc["tpr"], strict=True) if fpr > 0]
+        if points:
+            axes.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 30 else None)
+    axes.set_xscale("log")
+    for fpr in VERIFICATION_FPRS:
+        axes.axvline(fpr, color="grey", linewidth=0.6, linestyle=":")
+    axes.set_xlabel("false positive rate (log scale)")
+    axes.set_ylabel("true positive rate")
+    axes.set_title(f"same-person ROC, evaluated on {dataset}")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+
+
+def _roc_curves(rows: Sequence[RunRow]) -> dict[str, dict[str, dict[str, list]]]:
+    """evaluated dataset -> row label (with its training set when that differs) -> ROC points."""
+    by_dataset: dict[str, dict[str, dict[str, list]]] = {}
+    labels_seen: dict[tuple[str, str], int] = {}
+    for run in rows:
+        for target, metrics in run.evaluations():
+            if "roc" not in metrics:
+                continue
+            label = run.label if target == run.dataset else f"{run.label} (trained on {run.dataset})"
+            repeat = labels_seen[target, label] = labels_seen.get((target, label), 0) + 1
+            by_dataset.setdefault(target, {})[label if repeat == 1 else f"{label} #{repeat}"] = metrics["roc"]
+    return by_dataset
 
 
 def read_scalar_curves(run_dir: str | Path, tags: Sequence[str] = CURVE_TAGS) -> dict[str, tuple[list, list]]:
@@ -431,9 +598,15 @@ def write_report(
         plot_training_curves(curves, dataset, out_dir / name)
         curve_files[dataset] = name
         written.append(out_dir / name)
+    roc_files = {}
+    for dataset, curves in sorted(_roc_curves(rows).items()):
+        name = f"roc_{dataset}.png"
+        plot_roc_curves(curves, dataset, out_dir / name)
+        roc_files[dataset] = name
+        written.append(out_dir / name)
     write_text_atomic(out_dir / "results.csv", _csv_text(rows))
     written.append(out_dir / "results.csv")
     # Last, so its image links point at files that already exist.
-    write_text_atomic(out_dir / "results.md", _markdown_text(root, rows, failures, curve_files))
+    write_text_atomic(out_dir / "results.md", _markdown_text(root, rows, failures, curve_files, roc_files))
     written.append(out_dir / "results.md")
     return ReportSummary(rows, failures, written)

@@ -44,6 +44,19 @@ FIELDS: dict[str, tuple[type, ...]] = {
 # Optional: whether the ranking was k-reciprocal re-ranked (bool) and, when it was, these settings. Rows written
 # before re-ranking existed lack the key and read as not re-ranked.
 RERANK_FIELDS: dict[str, tuple[type, ...]] = {"rerank_k1": (int,), "rerank_k2": (int,), "rerank_lambda": (int, float)}
+# Optional keys (rows written before they existed lack them): the training dataset, when the checkpoint
+# records it (a row on another dataset is a cross-domain result), and the same-person verification figures
+# of agw_light.metrics.verification.
+OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "train_dataset": (str,),
+    "positive_pairs": (int,),
+    "negative_pairs": (int,),
+    "excluded_pairs": (int,),
+}
+# Each entry of "verification": one target FPR, the rates reached and the threshold reaching them.
+VERIFICATION_KEYS = ("target_fpr", "fpr", "tpr", "threshold")
+# "roc": the downsampled curve, three lists of equal length.
+ROC_KEYS = ("fpr", "tpr", "threshold")
 # The terminal's two-line summary of a row.
 SUMMARY_COLUMNS = ("feature_dim", "metric", "R1", "mAP", "mINP", "inference_ms_per_batch64", "search_ms_per_query")
 # The seed table's rows by (light model, light feature, light search).
@@ -56,27 +69,47 @@ TABLE_ROWS = {
 }
 
 
-def check_row(row: Any, source: str | Path) -> dict[str, Any]:
-    """`row` if it holds every required key with its type and finite numbers; else an error naming `source`."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{source}: expected a JSON object of the table row, got {type(row).__name__}")
-    for key, expected in FIELDS.items():
-        _check_field(row, key, expected, source)
-    _check_field({"rerank": False, **row}, "rerank", (bool,), source)
-    if row.get("rerank"):
-        for key, expected in RERANK_FIELDS.items():
-            _check_field(row, key, expected, source)
-    return row
-
-
-def _check_field(row: dict[str, Any], key: str, expected: tuple[type, ...], source: str | Path) -> None:
-    value = row.get(key)
+def _check_value(value: Any, expected: tuple[type, ...], key: str, source: str | Path) -> None:
     number_expected = bool not in expected
     if not isinstance(value, expected) or (number_expected and isinstance(value, bool)):
         names = " or ".join(kind.__name__ for kind in expected)
         raise ValueError(f"{source}: key {key} is {value!r}, expected {names}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{source}: key {key} is {value}, expected a finite number")
+
+
+def check_row(row: Any, source: str | Path) -> dict[str, Any]:
+    """`row` if it holds every required key with its type and finite numbers, and any optional key it holds is
+    well formed; else an error naming `source`."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{source}: expected a JSON object of the table row, got {type(row).__name__}")
+    for key, expected in FIELDS.items():
+        _check_value(row.get(key), expected, key, source)
+    _check_value(row.get("rerank", False), (bool,), "rerank", source)
+    if row.get("rerank"):
+        for key, expected in RERANK_FIELDS.items():
+            _check_value(row.get(key), expected, key, source)
+    for key, expected in OPTIONAL_FIELDS.items():
+        if key in row:
+            _check_value(row[key], expected, key, source)
+    number = (int, float)
+    if "verification" in row:
+        entries = row["verification"]
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise ValueError(f"{source}: key verification is {entries!r}, expected a list of objects")
+        for place, entry in enumerate(entries):
+            for key in VERIFICATION_KEYS:
+                _check_value(entry.get(key), number, f"verification[{place}].{key}", source)
+    if "roc" in row:
+        roc = row["roc"]
+        if not isinstance(roc, dict) or not all(isinstance(roc.get(key), list) for key in ROC_KEYS):
+            raise ValueError(f"{source}: key roc must be an object of lists {', '.join(ROC_KEYS)}")
+        if len({len(roc[key]) for key in ROC_KEYS}) != 1:
+            raise ValueError(f"{source}: key roc: lists {', '.join(ROC_KEYS)} must have equal lengths")
+        for key in ROC_KEYS:
+            for place, value in enumerate(roc[key]):
+                _check_value(value, number, f"roc.{key}[{place}]", source)
+    return row
 
 
 def rerank_text(row: dict[str, Any]) -> str:

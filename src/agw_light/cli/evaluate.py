@@ -1,8 +1,10 @@
 """Evaluate a checkpoint: `python -m agw_light.evaluate ckpt=<path> dataset=<name>`.
 
 Prints the table row (feature dim, metric, R1, mAP, mINP, inference ms per batch of 64, search ms per query)
-and writes it to metrics.json beside the checkpoint (or `out=`). Images are resized to the size the model
-was trained at (recorded in the checkpoint) unless `image_size=[h,w]` asks for another.
+and writes it to metrics.json beside the checkpoint (or `out=`). `eval.targets=[dukemtmcreid,msmt17]` also
+evaluates it on those sets (cross-domain), each row in metrics_<target>.json beside metrics.json. Images are
+resized to the size the model was trained at (recorded in the checkpoint) unless `image_size=[h,w]` asks for
+another. Every row also holds the same-person verification figures (TPR at FPR 1e-4/1e-3/1e-2, thresholds).
 """
 
 from __future__ import annotations
@@ -18,26 +20,23 @@ from agw_light.cli import CONF_DIR
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates `cfg.ckpt` on the configured dataset; returns the row written to metrics.json."""
     # Imported here, not at the top, so that `--help` and `--cfg job` answer without loading torch.
-    from agw_light.builders import build_datamodule
-    from agw_light.evaluation import evaluate_checkpoint
+    from pathlib import Path
+
+    from agw_light.builders import build_datamodule, evaluation_options, target_datamodules
+    from agw_light.evaluation import evaluate_checkpoint, evaluate_targets
 
     datamodule = build_datamodule(cfg)
+    targets = target_datamodules(cfg)  # before any evaluation: a bad target name fails at once
     datamodule.prepare_data()
-    return evaluate_checkpoint(
-        cfg.ckpt,
-        datamodule,
-        image_size=None if cfg.image_size is None else list(cfg.image_size),
-        device=cfg.device,
-        max_rank=cfg.eval.max_rank,
-        timing_batch_size=cfg.eval.timing_batch_size,
-        fit_images=cfg.eval.fit_images,
-        target_recall=cfg.eval.target_recall,
-        rerank=cfg.eval.rerank,
-        rerank_k1=cfg.eval.rerank_k1,
-        rerank_k2=cfg.eval.rerank_k2,
-        rerank_lambda=cfg.eval.rerank_lambda,
-        out_path=cfg.out,
-    )
+    options = {
+        **evaluation_options(cfg),
+        "image_size": None if cfg.image_size is None else list(cfg.image_size),
+        "device": cfg.device,
+    }
+    out_path = Path(cfg.out) if cfg.out is not None else Path(cfg.ckpt).with_name("metrics.json")
+    row = evaluate_checkpoint(cfg.ckpt, datamodule, out_path=out_path, **options)
+    evaluate_targets(cfg.ckpt, targets, out_path, **options)
+    return row
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -2,7 +2,7 @@
 
     python -m agw_light.search build ckpt=<model.ckpt> gallery=<image folder> out=<index dir>
     python -m agw_light.search query index=<index dir> image=<image file or folder> topk=10 [json=true]
-        [ckpt=<model.ckpt>] [allow_changed_model=true]
+        [ckpt=<model.ckpt>] [allow_changed_model=true] [max_distance=<threshold>]
 
 `build` embeds every image under `gallery` (recursively: jpg, jpeg, png, bmp) with the checkpoint's model
 and saves the index the model's head calls for (float cosine, exact Hamming or coarse-to-fine Hamming)
@@ -14,7 +14,10 @@ are absolute, so the index answers from any working directory.
 
 `query` embeds the query images with the model recorded at build time (or `ckpt=`) and prints the ranked
 gallery paths with their distances. It re-hashes that checkpoint and refuses one whose SHA-256 differs from
-the recorded one (its outputs would not match the index's) unless `allow_changed_model=true`. Checkpoints
+the recorded one (its outputs would not match the index's) unless `allow_changed_model=true`. With
+`max_distance=`, a query lists only the hits at distance <= max_distance (at most topk, maybe none): the
+"same person" threshold that `python -m agw_light.evaluate` reports for a target FPR (metrics.json,
+"verification"), in the index's distance (1 - cosine, or Hamming bits). Checkpoints
 are read with `weights_only=True`: a file holding code is refused, the code never runs.
 """
 
@@ -58,6 +61,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "width": None,
         "json": False,
         "allow_changed_model": False,
+        "max_distance": None,
     },
 }
 REQUIRED = {"build": ("ckpt", "gallery", "out"), "query": ("index", "image")}
@@ -210,7 +214,13 @@ def query(options: dict[str, Any]) -> list[dict[str, Any]]:
     if record.get("image_size") and not (options["height"] or options["width"]):
         options = {**options, "height": record["image_size"][0], "width": record["image_size"][1]}
     paths, features = _embed_location(module, options["image"], options)
-    distances, indices = index.search(features, int(options["topk"]))
+    if options["max_distance"] is None:
+        distances, indices = index.search(features, int(options["topk"]))
+    else:
+        try:
+            distances, indices = index.search_within(features, int(options["topk"]), options["max_distance"])
+        except ValueError as error:
+            raise SystemExit(f"max_distance={options['max_distance']!r}: {error}") from error
     gallery_paths = index.metadata.paths if index.metadata is not None else None
     results = [
         {
@@ -223,6 +233,7 @@ def query(options: dict[str, Any]) -> list[dict[str, Any]]:
                     "path": gallery_paths[int(i)] if gallery_paths else None,
                 }
                 for rank, (d, i) in enumerate(zip(distances[row], indices[row], strict=True))
+                if i >= 0  # search_within's padding: hits beyond max_distance
             ],
         }
         for row, path in enumerate(paths)

@@ -59,8 +59,15 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from agw_light.builders import build_datamodule, build_module, holdout_images, trainer_arguments
-    from agw_light.evaluation import evaluate_checkpoint
+    from agw_light.builders import (
+        build_datamodule,
+        build_module,
+        evaluation_options,
+        holdout_images,
+        target_datamodules,
+        trainer_arguments,
+    )
+    from agw_light.evaluation import evaluate_checkpoint, evaluate_targets
     from agw_light.lit.callbacks import RankedListLogger, RNGStateCheckpoint
     from agw_light.lit.checkpointing import AtomicCheckpointIO, StopOnSignal, check_resumable
 
@@ -76,6 +83,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg, holdout_images=holdout_images(cfg))
+    targets = target_datamodules(cfg)  # before training: a bad eval.targets entry fails at once
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(cfg, datamodule.num_classes)
@@ -125,22 +133,18 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     if not trainer.is_global_zero:
         return {}
-    reported = next((selector.best_model_path for selector in selectors if selector.best_model_path), None)
-    return evaluate_checkpoint(
-        reported or last.best_model_path,
+    selected = next((selector.best_model_path for selector in selectors if selector.best_model_path), None)
+    reported = selected or last.best_model_path
+    options = {**evaluation_options(cfg), "device": cfg.get("device", "auto")}
+    row = evaluate_checkpoint(
+        reported,
         datamodule,
-        selection="best val/mAP (held-out training ids)" if reported else "last epoch",
-        device=cfg.get("device", "auto"),
-        max_rank=cfg.eval.max_rank,
-        timing_batch_size=cfg.eval.timing_batch_size,
-        fit_images=cfg.eval.fit_images,
-        target_recall=cfg.eval.target_recall,
-        rerank=cfg.eval.rerank,
-        rerank_k1=cfg.eval.rerank_k1,
-        rerank_k2=cfg.eval.rerank_k2,
-        rerank_lambda=cfg.eval.rerank_lambda,
+        selection="best val/mAP (held-out training ids)" if selected else "last epoch",
         out_path=out_dir / "metrics.json",
+        **options,
     )
+    evaluate_targets(reported, targets, out_dir / "metrics.json", **options)  # cross-domain rows, if any
+    return row
 
 
 @contextlib.contextmanager

@@ -37,12 +37,13 @@ def warmup_multistep_factor(
 class LitReID(pl.LightningModule):
     """Trains a re-id model with a weighted loss stack and validates it by query/gallery retrieval.
 
-    `image_size` (height, width) is only recorded, so tools that embed new images with a checkpoint (the
-    search CLI) resize them as in training. `distance` overrides the model's own retrieval distance (see
-    `agw_light.models.ReIDModel`); None keeps it. Besides build_model's arguments, `model` takes two options
-    of this module: `channels_last` (True, False, or "auto": on when CUDA is available) and `compile`, which
-    compiles the network's forward with `torch.compile` in place (`nn.Module.compile`), so its weight names and
-    checkpoints stay those of the eager model; a module rebuilt from a checkpoint runs eagerly.
+    `image_size` (height, width) is only recorded, so tools that embed new images with a checkpoint (the search
+    CLI) resize them as in training; `train_dataset` (the training set's name) is only recorded too, so an
+    evaluation on another set knows it is a cross-domain one. `distance` overrides the model's own retrieval
+    distance (see `agw_light.models.ReIDModel`); None keeps it. Besides build_model's arguments, `model` takes
+    two options of this module: `channels_last` (True, False, or "auto": on when CUDA is available) and
+    `compile`, which compiles the network's forward with `torch.compile` in place (`nn.Module.compile`), so its
+    weight names and checkpoints stay those of the eager model; a module rebuilt from a checkpoint runs eagerly.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class LitReID(pl.LightningModule):
         teacher_ckpt: str | None = None,
         teacher_sha256: str | None = None,
         image_size: Sequence[int] | None = None,
+        train_dataset: str | None = None,
     ) -> None:
         super().__init__()
         # Recorded explicitly (save_hyperparameters reads the arguments below), so a checkpoint always says

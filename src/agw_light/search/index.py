@@ -4,7 +4,8 @@ All three index kinds return `(distances, indices)` of shape (num_queries, min(k
 items at equal distance come in gallery-index order (the tie rule of `agw_light.metrics.evaluate_rank`), so
 results are deterministic and comparable with a stable argsort. As in faiss, `ntotal` is the number of
 items and `d` the width of one: features (`FloatIndex`), bits (`HammingIndex`) or the concatenated pyramid
-code, sum(code_lengths) (`CoarseToFineIndex`). `clamp_k` says how a search treats k.
+code, sum(code_lengths) (`CoarseToFineIndex`). `clamp_k` says how a search treats k. `search_within` also
+drops the hits beyond a distance threshold (the same-person threshold of an evaluation's verification figures).
 
 Coarse-to-fine search (`CoarseToFineIndex`) runs over a code pyramid, levels sorted from the shortest code
 to the longest. `candidates[s]` is how many items stay after stage s: the first stage scans the whole
@@ -76,6 +77,27 @@ class SearchIndex(abc.ABC):
         an error, so an empty index returns (num_queries, 0) arrays.
         """
         return min(_positive_int(k, "k"), self.ntotal)
+
+    @abc.abstractmethod
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, gallery indices), each (num_queries, clamp_k(k)), nearest first."""
+
+    def search_within(self, queries: Any, k: int, max_distance: float) -> tuple[np.ndarray, np.ndarray]:
+        """`search(queries, k)` keeping only the hits at distance <= max_distance (a same-person threshold).
+
+        Returns float32 distances and int64 indices of shape (num_queries, clamp_k(k)), as faiss pads the
+        results it has no item for: each row's kept hits come first, nearest first, and the rest of the row is
+        padding, distance inf and index -1. `max_distance` uses the index's own distance (1 - cosine for
+        `FloatIndex`, bits for the Hamming ones) and the rule of `agw_light.metrics.verification`, so a threshold
+        it reports applies as is.
+        """
+        if isinstance(max_distance, bool) or not isinstance(max_distance, int | float | np.integer | np.floating):
+            raise ValueError(f"max_distance must be a number, got {max_distance!r}")
+        if np.isnan(max_distance):
+            raise ValueError("max_distance must be a number, got nan")
+        distances, indices = self.search(queries, k)
+        beyond = distances > max_distance  # rows are sorted, so the padding is each row's tail
+        return np.where(beyond, np.inf, distances).astype(np.float32), np.where(beyond, -1, indices)
 
     def _attach_metadata(self, metadata: Any, added: int, previous: int) -> None:
         metadata = GalleryMetadata.coerce(metadata, added)
