@@ -418,6 +418,24 @@ def test_interrupted_write_keeps_the_previous_file_whole(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # readable like any file the user writes
 
 
+def test_rows_written_before_parameter_counts_and_selection_still_report(tmp_path):
+    root = tmp_path / "multirun"
+    run = make_run(root, "full", curves=False)
+    row = json.loads((run / "metrics.json").read_text())
+    for key in ("parameters", "nonlocal_inter_channels", "selection"):
+        del row[key]
+    (run / "metrics.json").write_text(json.dumps(row))
+    make_run(root, "model", curves=False)
+
+    assert main([str(root)]) == 0
+
+    markdown = (root / "results.md").read_text()
+    assert "| 2048 | cosine | - | 0.945 |" in markdown and "| 512 | cosine | 11.56 M |" in markdown
+    table = {entry["light"]: entry for entry in _read_csv(root / "results.csv")}
+    assert table["full"]["parameters"] == "" and table["model"]["parameters"] == "11562049"
+    assert table["model"]["selection"] == "last epoch"
+
+
 def test_reranked_rows_are_marked_and_rows_without_the_key_read_as_not_reranked(tmp_path):
     root = tmp_path / "multirun"
     settings = {"rerank": True, "rerank_k1": 20, "rerank_k2": 6, "rerank_lambda": 0.3}

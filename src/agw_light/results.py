@@ -24,9 +24,6 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "neck": (str,),  # bnneck (float feature) | hash (one code) | pyramid (codes of several lengths)
     "distilled": (bool,),  # trained with a teacher (the light model)
     "index": (str,),  # float | hamming | coarse_to_fine: the search that produced the ranking
-    "parameters": (int,),  # the network's, classifier included (AGW ResNet-50, 751 ids: 25,078,864)
-    "nonlocal_inter_channels": (str,),  # "1" (the AGW authors' network), "half" (Wang et al.'s) or "none"
-    "selection": (str,),  # how the checkpoint was chosen: "last epoch", "best val/mAP ...", "given"
     "feature_dim": (int, str),  # an int, or the pyramid's lengths "2048-1024-...-32"
     "metric": (str,),
     "R1": (int, float),
@@ -48,6 +45,10 @@ RERANK_FIELDS: dict[str, tuple[type, ...]] = {"rerank_k1": (int,), "rerank_k2": 
 # records it (a row on another dataset is a cross-domain result), and the same-person verification figures
 # of agw_light.metrics.verification.
 OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    # Written by every evaluation since issue 12; optional so that earlier rows still read.
+    "parameters": (int,),  # the network's, classifier included (AGW ResNet-50, 751 ids: 25,078,864)
+    "nonlocal_inter_channels": (str,),  # "1" (the AGW authors' network), "half" (Wang et al.'s) or "none"
+    "selection": (str,),  # how the checkpoint was chosen: "last epoch", "best val/mAP ...", "given"
     "train_dataset": (str,),
     "positive_pairs": (int,),
     "negative_pairs": (int,),
