@@ -294,8 +294,7 @@ def evaluate_features(
     max_rank: int = 50,
 ) -> dict[str, float]:
     """R1/R5/R10/mAP/mINP of the query rows against the gallery rows under the standard protocol."""
-    if max_rank < 10:
-        raise ValueError(f"eval.max_rank={max_rank}: must be at least 10 to report R10")
+    check_max_rank(max_rank)
     is_query = is_query.bool()
     query, gallery = features[is_query], features[~is_query]
     result = evaluate_retrieval(
@@ -334,8 +333,7 @@ def evaluate_reranked(
     lambda_value: float = 0.3,
 ) -> dict[str, float]:
     """`evaluate_features` on the k-reciprocal re-ranked distances, fed block by block to the accumulator."""
-    if max_rank < 10:
-        raise ValueError(f"eval.max_rank={max_rank}: must be at least 10 to report R10")
+    check_max_rank(max_rank)
     is_query = is_query.bool()
     q_pids, q_camids = pids[is_query], camids[is_query]
     accumulator = RankAccumulator(pids[~is_query], camids[~is_query], max_rank)
@@ -344,6 +342,11 @@ def evaluate_reranked(
     ):
         accumulator.add(block, q_pids[rows], q_camids[rows])
     return summarize_ranking(accumulator.result(), num_query=len(q_pids), num_gallery=int((~is_query).sum()))
+
+
+def check_max_rank(max_rank: int) -> None:
+    if max_rank < 10:
+        raise ValueError(f"eval.max_rank={max_rank}: must be at least 10 to report R10")
 
 
 def summarize_ranking(result: dict[str, Any], *, num_query: int, num_gallery: int) -> dict[str, float]:

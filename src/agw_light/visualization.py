@@ -104,7 +104,7 @@ def open_rgb(source: ImageSource) -> Image.Image:
     try:
         with Image.open(source) as image:
             return image.convert("RGB")
-    except OSError as error:
+    except (OSError, AttributeError, TypeError) as error:  # missing, truncated, not an image, not a path
         raise OSError(f"cannot read image file {str(source)!r}: {error}") from error
 
 

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from agw_light.lit.module import LitReID
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # Market-1501 / DukeMTMC-reID style names: <pid>_c<camera>...
 REID_NAME = re.compile(r"^(-?\d+)_c(\d+)")
 # Where agw_light before the record moved into the manifest kept the model, outside the atomic save.
@@ -94,15 +93,14 @@ def parse_arguments(argv: list[str]) -> tuple[str, dict[str, Any]]:
 
 def list_images(location: str | Path) -> list[Path]:
     """One image file, or every image below a folder (sorted, so builds are reproducible)."""
+    from agw_light.inference import list_image_files
+
     path = Path(location).expanduser()
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such image file or folder")
-    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
-        raise ValueError(f"{path}: no images found (expected files ending in {sorted(IMAGE_SUFFIXES)})")
-    return images
+    return list_image_files(path)
 
 
 def reid_labels(path: Path) -> tuple[int, int]:

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+from agw_light.visualization import open_rgb
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -44,18 +45,6 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return images
 
 
-def _open_rgb(source: Any) -> Image.Image:
-    from PIL import Image
-
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except (OSError, AttributeError, TypeError) as error:  # missing, truncated, not an image, not a path
-        raise OSError(f"cannot read image file {str(source)!r}: {error}") from error
-
-
 class _Images(torch.utils.data.Dataset):
     """PIL images or image paths, preprocessed one by one (a DataLoader's workers can share the decoding)."""
 
@@ -67,7 +56,7 @@ class _Images(torch.utils.data.Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(_open_rgb(self.sources[index]))
+        return self.transform(open_rgb(self.sources[index]))
 
 
 def pick_device(name: str | torch.device) -> torch.device:
@@ -180,14 +169,7 @@ class Encoder:
             if image_size is None:
                 raise ValueError("backend='onnxruntime' exports the network at one input size: pass image_size")
 
-            metadata = onnx_metadata(
-                image_size=image_size,
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-                code_lengths=model.code_lengths,
-                distance=model.distance,
-                checkpoint_sha256=checkpoint_sha256,
-            )
+            metadata = onnx_metadata(model, image_size=image_size, checkpoint_sha256=checkpoint_sha256)
             onnx_model = export_onnx(model, image_size=image_size, metadata=metadata)
             run: Callable = _OnnxRuntimeRunner(onnx_model, threads=threads, source="<exported in memory>")
         else:

@@ -52,22 +52,18 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def onnx_metadata(
-    *,
-    image_size: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    code_lengths: Sequence[int] | None,
-    distance: str,
-    checkpoint_sha256: str | None,
-) -> dict[str, str]:
-    """The metadata_props of an exported model: everything an encoder needs besides the graph."""
+def onnx_metadata(network, *, image_size: Sequence[int], checkpoint_sha256: str | None) -> dict[str, str]:
+    """The metadata_props of an exported `ReIDModel`: everything an encoder needs besides the graph (input
+    size, the evaluation transform's normalisation, the code lengths and distance of its retrieval contract)."""
+    from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    code_lengths = network.code_lengths
     values = {
         "image_size": [int(v) for v in image_size],
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
+        "mean": [float(v) for v in IMAGENET_MEAN],
+        "std": [float(v) for v in IMAGENET_STD],
         "code_lengths": None if code_lengths is None else [int(v) for v in code_lengths],
-        "distance": distance,
+        "distance": network.distance,
         "checkpoint_sha256": checkpoint_sha256,
     }
     return {key: json.dumps(value) for key, value in values.items()}
@@ -121,7 +117,6 @@ def export_onnx(network: nn.Module, *, image_size: Sequence[int], metadata: dict
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, image_size: Sequence[int] | None = None) -> Path:
     """Writes the checkpoint's eval network as ONNX at `out` (atomically), at its training image size unless
     `image_size` (height, width) asks for another; returns the path."""
-    from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from agw_light.files import file_sha256, write_atomic
     from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
 
@@ -130,13 +125,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, image_size: Sequence
     size = image_size or checkpoint["hyper_parameters"].get("image_size")
     if not size:
         raise ValueError(f"checkpoint {ckpt} records no image size: pass image_size=[height,width]")
-    metadata = onnx_metadata(
-        image_size=size,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        code_lengths=network.code_lengths,
-        distance=network.distance,
-        checkpoint_sha256=file_sha256(ckpt),
-    )
+    metadata = onnx_metadata(network, image_size=size, checkpoint_sha256=file_sha256(ckpt))
     data = export_onnx(network, image_size=size, metadata=metadata)
     return write_atomic(out, lambda handle: handle.write(data))
