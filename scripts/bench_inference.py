@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from agw_light.data.transforms import Preprocessing
 from agw_light.evaluation import time_inference
 from agw_light.inference import Encoder, onnxruntime_available
 from agw_light.models import build_model
@@ -39,7 +40,7 @@ def time_torch_and_onnxruntime(
     on the same input, so a neighbour's load on a shared machine falls on both alike.
     """
     encoder = Encoder.from_network(
-        model, image_size=(height, width), device="cpu", backend="onnxruntime", threads=threads
+        model, preprocessing=Preprocessing((height, width)), device="cpu", backend="onnxruntime", threads=threads
     )
     images = torch.randn(batch_size, 3, height, width)
     runs = {"torch": lambda: model(images), "onnxruntime": lambda: encoder(images)}

@@ -85,17 +85,17 @@ def level_r1(checkpoint: str) -> dict[int, float]:
     from agw_light.builders import build_datamodule
     from agw_light.cli import CONF_DIR
     from agw_light.evaluation import evaluate_features, extract_features
-    from agw_light.lit.module import LitReID
+    from agw_light.inference.checkpoint import load_checkpoint
 
-    module = LitReID.from_checkpoint(checkpoint)
+    network = load_checkpoint(checkpoint).network
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["loader.num_workers=0"])
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("test")
-    outputs = extract_features(module, datamodule.query_gallery_dataloader(), torch.device("cpu"))
+    outputs = extract_features(network, datamodule.query_gallery_dataloader(), torch.device("cpu"))
     results, start = {}, 0
-    for length in module.model.code_lengths:
+    for length in network.code_lengths:
         codes = outputs["features"][:, start : start + length]
         start += length
         ranked = evaluate_features(codes, outputs["pids"], outputs["camids"], outputs["is_query"], distance="hamming")

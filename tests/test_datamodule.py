@@ -13,7 +13,13 @@ from PIL import Image
 
 from agw_light.data.datamodule import ReIDDataModule
 from agw_light.data.samplers import PKSampler
-from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
+from agw_light.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    build_test_transform,
+    build_train_transform,
+)
 
 HEIGHT, WIDTH = 32, 16
 TINY = {"num_ids": 8, "num_cams": 2, "images_per_id_cam": 3, "height": HEIGHT, "width": WIDTH}
@@ -213,8 +219,8 @@ def test_setup_lists_every_unreadable_image_of_every_split_before_any_loading(tm
 
 def test_evaluation_loaders_take_another_image_size(datamodule):
     for loader in (
-        datamodule.query_gallery_dataloader(image_size=(24, 12)),
-        datamodule.validation_split_dataloader(12, image_size=(24, 12)),
+        datamodule.query_gallery_dataloader(preprocessing=Preprocessing((24, 12))),
+        datamodule.validation_split_dataloader(12, preprocessing=Preprocessing((24, 12))),
     ):
         assert next(iter(loader))["image"].shape[1:] == (3, 24, 12)
     assert next(iter(datamodule.test_dataloader()))["image"].shape[1:] == (3, HEIGHT, WIDTH)

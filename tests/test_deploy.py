@@ -15,9 +15,11 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from agw_light.data.transforms import Preprocessing  # noqa: E402
 from agw_light.evaluation import evaluate_features, extract_features  # noqa: E402
 from agw_light.files import file_sha256  # noqa: E402
 from agw_light.inference import Encoder, onnxruntime_available  # noqa: E402
+from agw_light.inference.checkpoint import load_checkpoint  # noqa: E402
 
 HEADS = {"bnneck": None, "hash": [64], "pyramid": [64, 32]}
 IMAGE_SIZE = [64, 32]
@@ -79,7 +81,7 @@ def test_onnx_export_matches_pytorch(neck, compose_config, tmp_path):
     torch_encoder = Encoder.from_checkpoint(ckpt, device="cpu", backend="torch")
     for attribute in ("image_size", "distance", "code_lengths", "checkpoint_sha256"):
         assert getattr(onnx_encoder, attribute) == getattr(torch_encoder, attribute), attribute
-    loader = datamodule.query_gallery_dataloader(image_size=IMAGE_SIZE)
+    loader = datamodule.query_gallery_dataloader(preprocessing=Preprocessing(IMAGE_SIZE))
     ours, theirs = torch_encoder.encode_loader(loader), onnx_encoder.encode_loader(loader)
     reference, exported = ours["features"], theirs["features"]
     assert exported.shape == reference.shape and exported.dtype == torch.float32
@@ -91,9 +93,7 @@ def test_onnx_export_matches_pytorch(neck, compose_config, tmp_path):
         assert torch.equal((exported > 0)[clear], (reference > 0)[clear])
 
     # Evaluation's own extraction (the table's) gives the torch encoder's outputs, and both score the same.
-    from agw_light.lit.module import LitReID
-
-    evaluated = extract_features(LitReID.from_checkpoint(ckpt), loader, torch.device("cpu"))
+    evaluated = extract_features(load_checkpoint(ckpt).network, loader, torch.device("cpu"))
     assert torch.equal(evaluated["features"], reference) and torch.equal(evaluated["pids"], ours["pid"])
     ranking_length = HEADS[neck][0] if HEADS[neck] else reference.shape[1]
     scores = [
@@ -136,9 +136,7 @@ def test_encoder_backends_and_inputs_agree(compose_config, tmp_path):
     torch.testing.assert_close(by_paths, by_folder)
     torch.testing.assert_close(by_image, by_folder[:1])
     # Evaluation's preprocessing by hand: resize to 64 x 32, scale to [0, 1], ImageNet normalisation.
-    from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
-
-    network = network_from_checkpoint(ckpt, read_checkpoint(ckpt))
+    network = load_checkpoint(ckpt).network
     with Image.open(in_order[1]) as image:
         resized = np.asarray(image.convert("RGB").resize((32, 64), Image.BILINEAR), dtype=np.float32) / 255
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -176,7 +174,9 @@ def test_bad_files_get_errors_naming_them(tmp_path, crafted_checkpoint):
     with pytest.raises(ValueError, match="backend='tensorrt'"):
         Encoder.from_checkpoint(crafted, backend="tensorrt")
     (tmp_path / "notes.txt").write_text("not an image")
-    encoder = Encoder.from_network(build_model("resnet18", num_classes=2), image_size=(32, 16), backend="torch")
+    encoder = Encoder.from_network(
+        build_model("resnet18", num_classes=2), preprocessing=Preprocessing((32, 16)), backend="torch"
+    )
     with pytest.raises(OSError, match="cannot read image file .*notes.txt"):
         encoder.encode([tmp_path / "notes.txt"])
 

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from agw_light.cli.search import main as search_main  # noqa: E402
 from agw_light.data.synthetic import generate_synthetic  # noqa: E402
 from agw_light.files import file_sha256  # noqa: E402
+from agw_light.inference.checkpoint import load_checkpoint  # noqa: E402
 from agw_light.lit.module import LitReID  # noqa: E402
 from agw_light.search import load_index  # noqa: E402
 from agw_light.service.app import create_app  # noqa: E402
@@ -78,7 +79,7 @@ def png_bytes(image: Image.Image) -> bytes:
 def reference_features(ckpt: Path, image_paths: list[Path]) -> np.ndarray:
     """The model's eval outputs for the images, preprocessed by hand (resize, scale, ImageNet normalisation)
     instead of through agw_light's encoder."""
-    module = LitReID.from_checkpoint(ckpt).eval()
+    network = load_checkpoint(ckpt).network
     batch = []
     for path in image_paths:
         with Image.open(path) as image:
@@ -86,7 +87,7 @@ def reference_features(ckpt: Path, image_paths: list[Path]) -> np.ndarray:
         pixels = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
         batch.append(pixels.transpose(2, 0, 1).astype(np.float32))
     with torch.no_grad():
-        return module(torch.from_numpy(np.stack(batch))).double().numpy()
+        return network(torch.from_numpy(np.stack(batch))).double().numpy()
 
 
 def reference_ranking(built, query: Path) -> tuple[np.ndarray, np.ndarray]:

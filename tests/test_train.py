@@ -12,6 +12,8 @@ from conftest import assert_same_training_state
 from agw_light.builders import build_datamodule
 from agw_light.cli.train import train
 from agw_light.evaluation import evaluate_checkpoint, evaluate_features, extract_features
+from agw_light.files import file_sha256
+from agw_light.inference.checkpoint import load_checkpoint
 from agw_light.lit.module import LitReID, warmup_multistep_factor
 
 # ResNet-18 keeps the suite fast on 2 cores; the row's losses, head and evaluation are the same as ResNet-50's.
@@ -53,7 +55,7 @@ def test_training_lowers_loss_and_raises_map(compose_config, tmp_path):
         num_classes=datamodule.num_classes,
         distance="cosine",
     )
-    before = extract_features(untrained, datamodule.query_gallery_dataloader(), torch.device("cpu"))
+    before = extract_features(untrained.model, datamodule.query_gallery_dataloader(), torch.device("cpu"))
     map_before = evaluate_features(before["features"], before["pids"], before["camids"], before["is_query"])["mAP"]
 
     row = train(cfg)
@@ -104,7 +106,7 @@ def test_val_split_selects_on_held_out_training_identities(compose_config, tmp_p
     val_map = _scalar_series(tmp_path / "run" / "tensorboard", "val/mAP")
     assert best.endswith(f"valmAP{max(val_map):.4f}.ckpt")
     assert not any(tag.startswith("test/") for tag in _scalar_tags(tmp_path / "run" / "tensorboard"))
-    assert LitReID.from_checkpoint(tmp_path / "run" / "checkpoints" / best).hparams.num_classes == held.num_classes
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / best).hparams["num_classes"] == held.num_classes
 
 
 def test_select_must_be_last_or_val_split(compose_config):
@@ -146,10 +148,11 @@ def test_checkpoint_alone_rebuilds_the_model_and_test_reproduces_the_row(compose
     cfg = compose_config(*SMALL, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1")
     trained_row = train(cfg)
     checkpoint = tmp_path / "run/checkpoints/last.ckpt"
-    module = LitReID.from_checkpoint(checkpoint)
-    assert not module.training
-    assert module.hparams.model["backbone"] == "resnet18"
-    assert module(torch.zeros(2, 3, 64, 32)).shape == (2, 512)
+    loaded = load_checkpoint(checkpoint)
+    assert not loaded.network.training
+    assert loaded.hparams["model"]["backbone"] == "resnet18"
+    assert loaded.network(torch.zeros(2, 3, 64, 32)).shape == (2, 512)
+    assert loaded.sha256 == file_sha256(checkpoint)
 
     test_cfg = compose_config(f"ckpt={checkpoint}", config_name="evaluate")
     row = evaluate_checkpoint(test_cfg.ckpt, build_datamodule(test_cfg), device="cpu", out_path=tmp_path / "test.json")
@@ -161,15 +164,15 @@ def test_checkpoint_alone_rebuilds_the_model_and_test_reproduces_the_row(compose
 
 def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        LitReID.from_checkpoint(tmp_path / "missing.ckpt")
+        load_checkpoint(tmp_path / "missing.ckpt")
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.ckpt"):
-        LitReID.from_checkpoint(broken)
+        load_checkpoint(broken)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": 1}, foreign)
     with pytest.raises(ValueError, match="foreign.ckpt.*hyper_parameters"):
-        LitReID.from_checkpoint(foreign)
+        load_checkpoint(foreign)
 
 
 @pytest.mark.parametrize("inter_channels", [1, "half"])
@@ -185,15 +188,15 @@ def test_checkpoints_record_the_nonlocal_width_and_older_ones_load_as_half(tmp_p
     if inter_channels == "half":  # what a checkpoint of the earlier default holds
         del state["hyper_parameters"]["model"]["nonlocal_inter_channels"]
     torch.save(state, tmp_path / "net.ckpt")
-    rebuilt = LitReID.from_checkpoint(tmp_path / "net.ckpt")
-    block = rebuilt.model.backbone.nonlocal_blocks["layer3"]["1"]
+    rebuilt = load_checkpoint(tmp_path / "net.ckpt").network
+    block = rebuilt.backbone.nonlocal_blocks["layer3"]["1"]
     assert block.inter_channels == (1 if inter_channels == 1 else 128)
 
 
 def test_a_checkpoint_holding_code_is_refused_and_the_code_never_runs(crafted_checkpoint):
     crafted, marker = crafted_checkpoint
     with pytest.raises(ValueError, match="crafted.ckpt"):
-        LitReID.from_checkpoint(crafted)
+        load_checkpoint(crafted)
     assert not marker.exists()
 
 

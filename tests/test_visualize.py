@@ -153,7 +153,7 @@ def _frame_colours(picture_path, topk: int) -> list[tuple[int, ...]]:
 def test_cli_writes_one_picture_per_query_matching_the_protocol(compose_config, tiny_teacher, tmp_path):
     from agw_light.cli.visualize import visualize_checkpoint
     from agw_light.evaluation import extract_features
-    from agw_light.lit.module import LitReID
+    from agw_light.inference.checkpoint import load_checkpoint
 
     checkpoint, datamodule = tiny_teacher
     cfg = compose_config(f"ckpt={checkpoint}", "num_queries=3", "topk=5", "device=cpu", config_name="visualize")
@@ -170,7 +170,7 @@ def test_cli_writes_one_picture_per_query_matching_the_protocol(compose_config, 
     assert Image.open(written[-1]).size == (row_size[0], 3 * row_size[1])
 
     samples = extract_features(
-        LitReID.from_checkpoint(checkpoint), datamodule.query_gallery_dataloader(), torch.device("cpu")
+        load_checkpoint(checkpoint).network, datamodule.query_gallery_dataloader(), torch.device("cpu")
     )
     features, pids, camids = samples["features"].numpy(), samples["pids"].numpy(), samples["camids"].numpy()
     q, g = slice(0, len(query)), slice(len(query), None)

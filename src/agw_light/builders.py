@@ -5,6 +5,7 @@ Commands call these; the library below takes plain arguments and never sees a co
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ from omegaconf.errors import ConfigKeyError
 
 from agw_light.data.datamodule import ReIDDataModule
 from agw_light.data.datasets import DatasetSource
-from agw_light.inference.checkpoint import read_checkpoint
+from agw_light.inference.checkpoint import architecture_differences, architecture_of, initialise_from, load_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
 
+log = logging.getLogger(__name__)
 # Lightning accelerators that pick a CUDA GPU when there is one.
 CUDA_ACCELERATORS = ("auto", "gpu", "cuda")
 
@@ -265,20 +267,31 @@ def loss_entries(cfg: DictConfig) -> list[dict]:
     ]
 
 
-def build_module(cfg: DictConfig, num_classes: int) -> LitReID:
+def build_module(cfg: DictConfig, num_classes: int, *, resumed: dict[str, Any] | None = None) -> LitReID:
     """The row's LitReID: model, loss stack, optimizer settings and, for rows 2 and 5, the teacher.
 
-    A resumed student keeps the teacher hash it was started with, so a swapped teacher file is caught.
+    A new run with `model.init_from=<checkpoint>` (one of agw_light's or a converted one) starts from that
+    checkpoint's weights (`agw_light.inference.checkpoint.initialise_from`: same architecture, every weight, the ID
+    classifier too unless `model.drop_classifier=true`). A resumed run (`resumed`: the checkpoint `resume=` names,
+    already read) must have this config's architecture, and keeps the teacher and init_from hashes it was started
+    with, so a swapped teacher file is caught; its weights come from the resumed checkpoint, so init_from is not
+    read again.
     """
+    model = model_arguments(cfg)
+    recorded: dict[str, Any] = {}
+    if resumed is not None:
+        recorded = resumed["hyper_parameters"]
+        differences = architecture_differences(architecture_of(recorded["model"]), architecture_of(model))
+        if differences:
+            raise ValueError(f"resume={cfg.resume}: the checkpoint's network is not this config's: {differences}")
     teacher_ckpt = cfg.light.get("teacher_ckpt")
-    teacher_sha256 = None
     if teacher_ckpt is not None:
         teacher_ckpt = str(resolve_teacher_checkpoint(teacher_ckpt))
-        if cfg.resume is not None:
-            resumed = read_checkpoint(cfg.resume)  # an unreadable file is an error that names it
-            teacher_sha256 = resumed["hyper_parameters"].get("teacher_sha256")
-    return LitReID(
-        model=model_arguments(cfg),
+    initial = None
+    if model.get("init_from") is not None and resumed is None:
+        initial = load_checkpoint(model["init_from"])
+    module = LitReID(
+        model=model,
         losses=loss_entries(cfg),
         num_classes=num_classes,
         **OmegaConf.to_container(cfg.optim, resolve=True),
@@ -286,6 +299,16 @@ def build_module(cfg: DictConfig, num_classes: int) -> LitReID:
         max_rank=cfg.eval.max_rank,
         teacher_ckpt=teacher_ckpt,
         image_size=(cfg.dataset.height, cfg.dataset.width),
-        teacher_sha256=teacher_sha256,
+        teacher_sha256=recorded.get("teacher_sha256"),
         train_dataset=cfg.dataset.name,
+        init_from_sha256=initial.sha256 if initial is not None else recorded.get("init_from_sha256"),
     )
+    if initial is not None:
+        dropped = initialise_from(module.model, initial, model, drop_classifier=bool(model.get("drop_classifier")))
+        log.info(
+            "initialised from %s (SHA-256 %s)%s",
+            initial.path,
+            initial.sha256[:12],
+            f"; the ID classifier starts afresh ({', '.join(dropped)}): model.drop_classifier=true" if dropped else "",
+        )
+    return module

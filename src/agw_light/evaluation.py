@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from agw_light.data.datamodule import ReIDDataModule
-from agw_light.files import file_sha256
+from agw_light.data.transforms import Preprocessing
 from agw_light.inference import Encoder, pick_device
-from agw_light.lit.module import LitReID
+from agw_light.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from agw_light.metrics import RankAccumulator, evaluate_retrieval, rerank_blocks
 from agw_light.metrics.rerank import check_rerank_settings
 from agw_light.metrics.verification import evaluate_verification
@@ -38,40 +38,34 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def check_image_size(image_size: Sequence[int], name: str = "image_size") -> tuple[int, int]:
-    """(height, width) as two positive integers, or an error naming the setting."""
-    values = list(image_size)
-    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"{name}={image_size!r}: expected [height, width], two positive integers")
-    return values[0], values[1]
-
-
-def evaluation_image_size(
-    module: LitReID, requested: Sequence[int] | None, fallback: tuple[int, int]
-) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(size to feed the model, size it was trained at or None): the requested size, else the trained one.
+def evaluation_preprocessing(
+    loaded: LoadedCheckpoint, requested: Sequence[int] | None, fallback: tuple[int, int]
+) -> tuple[Preprocessing, tuple[int, int] | None]:
+    """(preprocessing to feed the model, the size it was trained at or None): the checkpoint's preprocessing
+    (normalisation and resampling of its training, or of its source framework), at the requested size if any.
 
     A model's numbers only hold at the input size it was trained at, so another size is used only when asked
     for, and then logged. A checkpoint that records no size (written before it was recorded) is fed
     `fallback`, the DataModule's size, with a warning.
     """
-    recorded = module.hparams.get("image_size")
-    trained = check_image_size(recorded, "the checkpoint's image_size") if recorded else None
-    if requested is not None:
-        size = check_image_size(requested)
-        if trained is not None and size != trained:
-            log.warning(
-                "evaluating at image size %dx%d, not at the size the model was trained at, %dx%d", *size, *trained
-            )
-        return size, trained
-    if trained is None:
-        log.warning("the checkpoint records no training image size: evaluating at the DataModule's %dx%d", *fallback)
-        return fallback, None
-    return trained, trained
+    recorded = loaded.preprocessing
+    trained = None if recorded is None else recorded.image_size
+    if recorded is None:
+        if requested is None:
+            log.warning("the checkpoint records no image size: evaluating at the DataModule's %dx%d", *fallback)
+        recorded = Preprocessing(fallback)
+    preprocessing = recorded.resized(requested)
+    if trained is not None and preprocessing.image_size != trained:
+        log.warning(
+            "evaluating at image size %dx%d, not at the size the model was trained at, %dx%d",
+            *preprocessing.image_size,
+            *trained,
+        )
+    return preprocessing, trained
 
 
 def evaluate_checkpoint(
-    ckpt_path: str | Path,
+    checkpoint: LoadedCheckpoint | str | Path,
     datamodule: ReIDDataModule,
     *,
     image_size: Sequence[int] | None = None,
@@ -87,7 +81,8 @@ def evaluate_checkpoint(
     out_path: str | Path | None = None,
     selection: str = "given",
 ) -> dict[str, Any]:
-    """Evaluates a checkpoint on the datamodule's test split with the published protocol; writes metrics.json.
+    """Evaluates a checkpoint (a path, or one `load_checkpoint` read) on the datamodule's test split with the
+    published protocol; writes metrics.json.
 
     Retrieval goes through the search index the model's head calls for (`agw_light.search.build_index`):
     float cosine (rows 1-2), exact Hamming on the full-length code (row 3) or coarse-to-fine over the code
@@ -97,9 +92,11 @@ def evaluate_checkpoint(
 
     The row also holds the same-person verification figures (`agw_light.metrics.verification`: TPR at FPR
     1e-4 / 1e-3 / 1e-2 with each distance threshold, and a downsampled ROC curve) and, when the checkpoint
-    records it, the dataset the model was trained on ("train_dataset"; "dataset" is the one evaluated here).
+    records it, the dataset the model was trained on ("train_dataset"; "dataset" is the one evaluated here),
+    and for a checkpoint converted from another framework its source ("source_format", "source_sha256").
 
-    Images are resized to the checkpoint's training size, or to `image_size` (height, width) when given;
+    Images are preprocessed as the checkpoint records (its size, normalisation and resampling: a converted
+    model's are its source framework's), resized to `image_size` (height, width) when given;
     the row records the size used ("image_size", e.g. "256x128": height x width, a flat value like the
     row's others) and, when it is not the training size, that one ("trained_image_size"). `selection` says
     how the checkpoint was chosen ("last epoch", "best val/mAP ...", or "given" by the user), and
@@ -116,17 +113,19 @@ def evaluate_checkpoint(
             rerank_k1, rerank_k2, rerank_lambda, names=("eval.rerank_k1", "eval.rerank_k2", "eval.rerank_lambda")
         )
     torch_device = pick_device(device)
-    module = LitReID.from_checkpoint(ckpt_path)
-    model = module.model
+    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    model = loaded.network
+    ckpt_path = loaded.path
     if rerank and model.code_lengths is not None and len(model.code_lengths) > 1:
         raise ValueError(
             f"eval.rerank=true: {ckpt_path} has a code pyramid, searched coarse-to-fine, which never computes "
             f"most query x gallery distances; k-reciprocal re-ranking needs them all. Set eval.rerank=false"
         )
-    size, trained_size = evaluation_image_size(module, image_size, (datamodule.height, datamodule.width))
+    preprocessing, trained_size = evaluation_preprocessing(loaded, image_size, (datamodule.height, datamodule.width))
+    size = preprocessing.image_size
     datamodule.setup("test")
     outputs = extract_features(
-        module, datamodule.query_gallery_dataloader(image_size=size), torch_device, desc="query + gallery"
+        model, datamodule.query_gallery_dataloader(preprocessing=preprocessing), torch_device, desc="query + gallery"
     )
     features, pids, camids = outputs["features"], outputs["pids"], outputs["camids"]
     is_query = outputs["is_query"].bool()
@@ -134,8 +133,8 @@ def evaluate_checkpoint(
     fit = None
     if code_lengths is not None and len(code_lengths) > 1:
         fit = extract_features(
-            module,
-            datamodule.validation_split_dataloader(fit_images, image_size=size),
+            model,
+            datamodule.validation_split_dataloader(fit_images, preprocessing=preprocessing),
             torch_device,
             desc="validation split (training ids)",
         )
@@ -148,18 +147,18 @@ def evaluate_checkpoint(
         fit_gallery=None if fit is None else fit["features"][~fit["is_query"]],
     )
 
-    hparams = module.hparams
+    hparams = loaded.hparams
     row: dict[str, Any] = {
         "checkpoint": str(ckpt_path),
-        "checkpoint_sha256": file_sha256(ckpt_path),
+        "checkpoint_sha256": loaded.sha256,
         "dataset": datamodule.name,
-        "backbone": hparams.model["backbone"],
-        "neck": hparams.model.get("neck", "bnneck"),
+        "backbone": hparams["model"]["backbone"],
+        "neck": hparams["model"].get("neck", "bnneck"),
         "distilled": hparams.get("teacher_sha256") is not None,
         "index": index.kind,
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "nonlocal_inter_channels": (
-            str(hparams.model["nonlocal_inter_channels"])
+            str(hparams["model"].get("nonlocal_inter_channels", "half"))
             if any(isinstance(layer, NonLocalBlock) for layer in model.modules())
             else "none"
         ),
@@ -171,8 +170,10 @@ def evaluate_checkpoint(
     train_dataset = hparams.get("train_dataset")
     if train_dataset is not None:
         row["train_dataset"] = train_dataset
-    else:
+    elif loaded.source is None:
         log.warning("the checkpoint records no training dataset (written before it was recorded): the row has none")
+    if loaded.source is not None:
+        row.update(source_format=loaded.source["format"], source_sha256=loaded.source["sha256"])
     if isinstance(index, CoarseToFineIndex):
         query = features[is_query]
         results = evaluate_coarse_to_fine(
@@ -233,7 +234,7 @@ def evaluate_checkpoint(
     )
     with torch.inference_mode():
         inference_ms = time_inference(
-            module, height=size[0], width=size[1], device=torch_device, batch_size=timing_batch_size
+            model, height=size[0], width=size[1], device=torch_device, batch_size=timing_batch_size
         )
     row.update(
         results,
@@ -254,19 +255,25 @@ def target_metrics_path(metrics_path: str | Path, target: str) -> Path:
 
 
 def evaluate_targets(
-    ckpt_path: str | Path, datamodules: Mapping[str, ReIDDataModule], metrics_path: str | Path, **options: Any
+    checkpoint: LoadedCheckpoint | str | Path,
+    datamodules: Mapping[str, ReIDDataModule],
+    metrics_path: str | Path,
+    **options: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluates a checkpoint on each named DataModule (cross-domain sets), one row each, by target name.
+    """Evaluates a checkpoint on each named DataModule (cross-domain sets), one row each, by target name; a
+    path is read once for all of them.
 
     metrics.json keeps the row of the run's own dataset; each target's row goes to `target_metrics_path`.
     Each target uses its own query/gallery protocol; the classifier plays no part, so the number of training
     identities does not matter. `options` are `evaluate_checkpoint`'s.
     """
+    if datamodules and not isinstance(checkpoint, LoadedCheckpoint):
+        checkpoint = load_checkpoint(checkpoint)
     rows = {}
     for name, datamodule in datamodules.items():
         datamodule.prepare_data()
         rows[name] = evaluate_checkpoint(
-            ckpt_path, datamodule, out_path=target_metrics_path(metrics_path, name), **options
+            checkpoint, datamodule, out_path=target_metrics_path(metrics_path, name), **options
         )
     return rows
 
@@ -278,7 +285,7 @@ def extract_features(
 
     Through `agw_light.inference.Encoder` (torch backend, the table's), which also encodes users' own images.
     """
-    encoder = Encoder.from_network(model, image_size=None, device=device, backend="torch")
+    encoder = Encoder.from_network(model, preprocessing=None, device=device, backend="torch")
     outputs = encoder.encode_loader(loader, desc=desc)
     names = {"features": "features", "pids": "pid", "camids": "camid", "is_query": "is_query", "index": "index"}
     return {name: outputs[key] for name, key in names.items()}

@@ -50,6 +50,9 @@ OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
     "nonlocal_inter_channels": (str,),  # "1" (the AGW authors' network), "half" (Wang et al.'s) or "none"
     "selection": (str,),  # how the checkpoint was chosen: "last epoch", "best val/mAP ...", "given"
     "train_dataset": (str,),
+    # A checkpoint converted from another framework (agw_light.convert): its format and the source file's hash.
+    "source_format": (str,),
+    "source_sha256": (str,),
     "positive_pairs": (int,),
     "negative_pairs": (int,),
     "excluded_pairs": (int,),

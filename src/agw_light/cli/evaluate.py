@@ -24,6 +24,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from agw_light.builders import build_datamodule, evaluation_options, target_datamodules
     from agw_light.evaluation import evaluate_checkpoint, evaluate_targets
+    from agw_light.inference.checkpoint import load_checkpoint
 
     datamodule = build_datamodule(cfg)
     targets = target_datamodules(cfg)  # before any evaluation: a bad target name fails at once
@@ -34,8 +35,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "device": cfg.device,
     }
     out_path = Path(cfg.out) if cfg.out is not None else Path(cfg.ckpt).with_name("metrics.json")
-    row = evaluate_checkpoint(cfg.ckpt, datamodule, out_path=out_path, **options)
-    evaluate_targets(cfg.ckpt, targets, out_path, **options)
+    checkpoint = load_checkpoint(cfg.ckpt)  # read once for every dataset
+    row = evaluate_checkpoint(checkpoint, datamodule, out_path=out_path, **options)
+    evaluate_targets(checkpoint, targets, out_path, **options)
     return row
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agw_light.lit.module import LitReID
+    from agw_light.inference.checkpoint import LoadedCheckpoint
 
 # Market-1501 / DukeMTMC-reID style names: <pid>_c<camera>...
 REID_NAME = re.compile(r"^(-?\d+)_c(\d+)")
@@ -109,34 +109,20 @@ def reid_labels(path: Path) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2)) - 1) if match else (-1, -1)
 
 
-def embed_images(module, paths: list[Path], *, height: int, width: int, batch_size: int, device) -> Any:
-    """The model's eval-mode output (feature or codes) for each image, in order (`agw_light.inference.Encoder`,
-    torch backend: the outputs evaluation ranks)."""
+def _embed_location(loaded: LoadedCheckpoint, location: str | Path, options: dict[str, Any]) -> tuple[list[Path], Any]:
+    """The images at `location` and the model's eval-mode outputs for them (`agw_light.inference.Encoder`, torch
+    backend: the outputs evaluation ranks), with the checkpoint's preprocessing at `_image_size`."""
     from agw_light.inference import Encoder
 
-    encoder = Encoder.from_network(module, image_size=(height, width), device=device, backend="torch")
-    return encoder.encode(paths, batch_size=batch_size, progress=True)
-
-
-def _embed_location(module, location: str | Path, options: dict[str, Any]) -> tuple[list[Path], Any]:
-    """The images at `location` and the model's outputs for them, at the checkpoint's image size."""
-    from agw_light.evaluation import pick_device
-
-    height, width = _image_size(module, options)
-    paths = list_images(location)
-    features = embed_images(
-        module,
-        paths,
-        height=height,
-        width=width,
-        batch_size=options["batch_size"],
-        device=pick_device(options["device"]),
+    encoder = Encoder.from_loaded(
+        loaded, image_size=_image_size(loaded, options), device=options["device"], backend="torch"
     )
-    return paths, features
+    paths = list_images(location)
+    return paths, encoder.encode(paths, batch_size=options["batch_size"], progress=True)
 
 
-def _image_size(module, options: dict[str, Any]) -> tuple[int, int]:
-    recorded = module.hparams.get("image_size")
+def _image_size(loaded: LoadedCheckpoint, options: dict[str, Any]) -> tuple[int, int]:
+    recorded = None if loaded.preprocessing is None else loaded.preprocessing.image_size
     height = options["height"] or (recorded[0] if recorded else None)
     width = options["width"] or (recorded[1] if recorded else None)
     if not height or not width:
@@ -147,24 +133,23 @@ def _image_size(module, options: dict[str, Any]) -> tuple[int, int]:
 def build(options: dict[str, Any]) -> Path:
     import numpy as np
 
-    from agw_light.files import file_sha256
-    from agw_light.lit.module import LitReID
+    from agw_light.inference.checkpoint import load_checkpoint
     from agw_light.search import GalleryMetadata, build_index
 
-    module = LitReID.from_checkpoint(options["ckpt"])
+    loaded = load_checkpoint(options["ckpt"])
     record = {
         "ckpt": str(Path(options["ckpt"]).resolve()),
-        "ckpt_sha256": file_sha256(options["ckpt"]),
-        "image_size": list(_image_size(module, options)),
+        "ckpt_sha256": loaded.sha256,
+        "image_size": list(_image_size(loaded, options)),
     }
     gallery = Path(options["gallery"]).expanduser().resolve()  # absolute paths: a query may run elsewhere
-    paths, features = _embed_location(module, gallery, options)
+    paths, features = _embed_location(loaded, gallery, options)
     labels = [reid_labels(path) for path in paths]
     metadata = GalleryMetadata([str(p) for p in paths], [pid for pid, _ in labels], [cam for _, cam in labels])
     sample = np.random.default_rng(options["seed"]).permutation(len(paths))[: options["fit_queries"]]
     index = build_index(
         features,
-        module.model.code_lengths,
+        loaded.network.code_lengths,
         metadata=metadata,
         fit_queries=features[np.sort(sample)],
         target_recall=options["target_recall"],
@@ -174,11 +159,10 @@ def build(options: dict[str, Any]) -> Path:
     return Path(out)
 
 
-def _query_model(index_dir: Path, record: dict[str, Any], options: dict[str, Any]) -> LitReID:
+def _query_model(index_dir: Path, record: dict[str, Any], options: dict[str, Any]) -> LoadedCheckpoint:
     """The model that embeds queries: `ckpt=` or the recorded one, refused if it is not the one that built
     the index (SHA-256) unless `allow_changed_model=true`."""
-    from agw_light.files import file_sha256
-    from agw_light.lit.module import LitReID
+    from agw_light.inference.checkpoint import load_checkpoint
 
     if not record and (index_dir / LEGACY_MODEL_RECORD).is_file():
         raise SystemExit(
@@ -188,9 +172,9 @@ def _query_model(index_dir: Path, record: dict[str, Any], options: dict[str, Any
     ckpt = options["ckpt"] or record.get("ckpt")
     if ckpt is None:
         raise SystemExit(f"{index_dir}: the index records no model (saved without one): pass ckpt=<checkpoint>")
-    module = LitReID.from_checkpoint(ckpt)
+    loaded = load_checkpoint(ckpt)
     recorded = record.get("ckpt_sha256")
-    actual = file_sha256(ckpt) if recorded else None
+    actual = loaded.sha256 if recorded else None
     if actual != recorded:
         mismatch = (
             f"checkpoint {ckpt}: SHA-256 {actual}, but the index {index_dir} was built by a checkpoint with "
@@ -199,7 +183,7 @@ def _query_model(index_dir: Path, record: dict[str, Any], options: dict[str, Any
         if not options["allow_changed_model"]:
             raise SystemExit(f"{mismatch}. Rebuild the index, or pass allow_changed_model=true to query it anyway")
         print(f"warning: {mismatch}; querying anyway (allow_changed_model=true)", file=sys.stderr)
-    return module
+    return loaded
 
 
 def query(options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -208,10 +192,10 @@ def query(options: dict[str, Any]) -> list[dict[str, Any]]:
     index_dir = Path(options["index"])
     index = load_index(index_dir)
     record = index.record or {}
-    module = _query_model(index_dir, record, options)
+    loaded = _query_model(index_dir, record, options)
     if record.get("image_size") and not (options["height"] or options["width"]):
         options = {**options, "height": record["image_size"][0], "width": record["image_size"][1]}
-    paths, features = _embed_location(module, options["image"], options)
+    paths, features = _embed_location(loaded, options["image"], options)
     if options["max_distance"] is None:
         distances, indices = index.search(features, int(options["topk"]))
     else:

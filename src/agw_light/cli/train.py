@@ -68,12 +68,12 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         trainer_arguments,
     )
     from agw_light.evaluation import evaluate_checkpoint, evaluate_targets
+    from agw_light.inference.checkpoint import load_checkpoint
     from agw_light.lit.callbacks import RankedListLogger, RNGStateCheckpoint
-    from agw_light.lit.checkpointing import AtomicCheckpointIO, StopOnSignal, check_resumable
+    from agw_light.lit.checkpointing import AtomicCheckpointIO, StopOnSignal, read_resumable
 
     (out_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt in this folder
-    if cfg.resume is not None:
-        check_resumable(cfg.resume)
+    resumed = None if cfg.resume is None else read_resumable(cfg.resume)  # read once, checked before any work
     extra_callbacks = []
     for entry in cfg.callbacks:
         callback = instantiate(entry)
@@ -86,7 +86,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     targets = target_datamodules(cfg)  # before training: a bad eval.targets entry fails at once
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = build_module(cfg, datamodule.num_classes)
+    module = build_module(cfg, datamodule.num_classes, resumed=resumed)
     # last.ckpt at the end of every training epoch, whatever the validation frequency: a kill loses one epoch.
     # No version counter: a folder is only reused to resume, where a rerun epoch overwrites its own file.
     last = ModelCheckpoint(
@@ -124,7 +124,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             ),
             *extra_callbacks,
         ],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(preloaded=None if resumed is None else {cfg.resume: resumed})],
         use_distributed_sampler=False,  # the PK sampler splits identities across ranks itself
     )
     with stop.installed():
@@ -136,6 +136,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     selected = next((selector.best_model_path for selector in selectors if selector.best_model_path), None)
     reported = selected or last.best_model_path
     options = {**evaluation_options(cfg), "device": cfg.get("device", "auto")}
+    reported = load_checkpoint(reported)  # read once for every dataset
     row = evaluate_checkpoint(
         reported,
         datamodule,

@@ -31,31 +31,33 @@ def visualize_checkpoint(
     """
     # Imported here, not at the top, so that `--help` and `--cfg job` answer without loading torch.
     from agw_light.builders import build_datamodule
-    from agw_light.evaluation import evaluation_image_size, extract_features, pick_device
-    from agw_light.lit.module import LitReID
+    from agw_light.evaluation import evaluation_preprocessing, extract_features, pick_device
+    from agw_light.inference.checkpoint import load_checkpoint
     from agw_light.visualization import pick_positions, ranked_list_pictures, save_png_atomic, stack_rows
 
-    module = LitReID.from_checkpoint(ckpt_path)
+    loaded = load_checkpoint(ckpt_path)
+    network = loaded.network
     if datamodule is None:
         datamodule = build_datamodule(cfg)
         datamodule.prepare_data()
     requested = cfg.image_size
-    size, _ = evaluation_image_size(
-        module, None if requested is None else list(requested), (datamodule.height, datamodule.width)
+    preprocessing, _ = evaluation_preprocessing(
+        loaded, None if requested is None else list(requested), (datamodule.height, datamodule.width)
     )
     datamodule.setup("test")
     dataset = datamodule.dataset
     _check_count("num_queries", cfg.num_queries, len(dataset.query), f"the {dataset.name} query set's size")
     _check_count("topk", cfg.topk, len(dataset.gallery), f"the {dataset.name} gallery's size")
 
-    samples = extract_features(module, datamodule.query_gallery_dataloader(image_size=size), pick_device(cfg.device))
-    samples["features"] = module.model.ranking_features(samples["features"])
+    loader = datamodule.query_gallery_dataloader(preprocessing=preprocessing)
+    samples = extract_features(network, loader, pick_device(cfg.device))
+    samples["features"] = network.ranking_features(samples["features"])
     positions = pick_positions(len(dataset.query), cfg.num_queries, seed=cfg.get("query_seed"))
     pictures = ranked_list_pictures(
         samples,
         [path for path, _, _ in dataset.query + dataset.gallery],
         positions,
-        metric=module.model.distance,
+        metric=network.distance,
         topk=cfg.topk,
         thumb_size=tuple(cfg.thumb_size),
     )

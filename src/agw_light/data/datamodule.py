@@ -38,7 +38,7 @@ from agw_light.data.datasets import (
     verify_images,
 )
 from agw_light.data.samplers import PKSampler
-from agw_light.data.transforms import build_test_transform, build_train_transform
+from agw_light.data.transforms import Preprocessing, build_train_transform
 
 SYNTHETIC = "synthetic"
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class ReIDDataModule(pl.LightningDataModule):
     them, whatever launched it). `also_train` are more datasets whose training splits join this one's
     (`combine_datasets`: labels offset per dataset); query and gallery stay this dataset's. `height` x `width`
     is the input size of the training and test transforms; the query/gallery and validation-split loaders
-    take another `image_size` (a checkpoint evaluated at the size it was trained at). `check_images` decodes
+    take a checkpoint's `preprocessing` instead (its size, normalisation and resampling). `check_images` decodes
     every image at setup with `max(1, num_workers)` threads and lists all unreadable ones in one error.
     `num_workers` is capped at the cores available: more workers than cores only compete with the training
     step (and PyTorch warns). `pin_memory` is for a CUDA run (faster host-to-GPU copies); workers persist
@@ -234,23 +234,22 @@ class ReIDDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.query_gallery_dataloader(*self._replicas())
 
-    def validation_split_dataloader(self, num_images: int, *, image_size: Sequence[int] | None = None) -> DataLoader:
+    def validation_split_dataloader(self, num_images: int, *, preprocessing: Preprocessing | None = None) -> DataLoader:
         """About `num_images` training images as a query/gallery set (queries first, flagged "is_query").
 
         Validation data for choices that must not see the test queries or any test label (e.g. the
         coarse-to-fine search's candidate counts); training identities never appear in the test splits. When
         identities are held out of training (`holdout_images`), those are the split and `num_images` is
-        unused. `image_size` (height, width) overrides the DataModule's.
+        unused. `preprocessing` (a checkpoint's) replaces the DataModule's size and agw_light's normalisation.
         """
         if self._held_out is not None:
             queries, gallery = self._held_out
         else:
             queries, gallery = identity_split(self.dataset.train, num_images)
-        return self._evaluation_loader(queries, gallery, image_size)
+        return self._evaluation_loader(queries, gallery, preprocessing)
 
-    def _test_transform(self, image_size: Sequence[int] | None) -> Callable:
-        height, width = (self.height, self.width) if image_size is None else image_size
-        return build_test_transform(height, width)
+    def _test_transform(self, preprocessing: Preprocessing | None) -> Callable:
+        return (preprocessing or Preprocessing((self.height, self.width))).transform()
 
     def _is_global_zero(self) -> bool:
         """Without a trainer (setup called by hand), the rank Lightning's launcher put in the environment."""
@@ -283,24 +282,25 @@ class ReIDDataModule(pl.LightningDataModule):
         return DataLoader(images, batch_sampler=sampler, **self._loader_options())
 
     def query_gallery_dataloader(
-        self, num_replicas: int = 1, rank: int = 0, *, image_size: Sequence[int] | None = None
+        self, num_replicas: int = 1, rank: int = 0, *, preprocessing: Preprocessing | None = None
     ) -> DataLoader:
         """Query then gallery images, unshuffled; item "index" is the position in that concatenation.
 
         With the defaults one process reads everything (checkpoint evaluation after a DDP run); with a world
-        size each rank reads its shard (validation). `image_size` (height, width) overrides the DataModule's.
+        size each rank reads its shard (validation). `preprocessing` (a checkpoint's: size, normalisation,
+        resampling) replaces the DataModule's size and agw_light's normalisation.
         """
-        return self._evaluation_loader(self.dataset.query, self.dataset.gallery, image_size, num_replicas, rank)
+        return self._evaluation_loader(self.dataset.query, self.dataset.gallery, preprocessing, num_replicas, rank)
 
     def _evaluation_loader(
         self,
         queries: list[Sample],
         gallery: list[Sample],
-        image_size: Sequence[int] | None,
+        preprocessing: Preprocessing | None,
         num_replicas: int = 1,
         rank: int = 0,
     ) -> DataLoader:
-        images = ReIDImageDataset(queries + gallery, self._test_transform(image_size), num_query=len(queries))
+        images = ReIDImageDataset(queries + gallery, self._test_transform(preprocessing), num_query=len(queries))
         shard = None
         if num_replicas > 1:
             shard = DistributedSampler(images, num_replicas, rank, shuffle=False, drop_last=False)

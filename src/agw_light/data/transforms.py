@@ -8,10 +8,16 @@ pixel, the same "mean-pixel" erasing AGW uses, over AGW's area range (2 % to 40 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How a test image is resized: bilinear (torchvision's default, agw_light's, ReID-Survey's, torchreid's) or bicubic
+# (fast-reid's `T.Resize(size_test, interpolation=3)`).
+INTERPOLATIONS = ("bilinear", "bicubic")
 ERASING_SCALE = (0.02, 0.4)
 ERASING_RATIO = (0.3, 1 / 0.3)
 
@@ -58,10 +64,90 @@ def build_train_transform(
 
 
 def build_test_transform(
-    height: int, width: int, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    height: int,
+    width: int,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
 ) -> Callable:
-    """Deterministic pipeline for query and gallery images (an exported model records its mean and std)."""
-    from torchvision.transforms import v2
+    """Deterministic pipeline for query and gallery images (a checkpoint and an export record theirs)."""
+    from torchvision.transforms import InterpolationMode, v2
 
     _check_size(height, width)
-    return v2.Compose([v2.Resize((height, width)), *_to_normalised_tensor(mean, std)])
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r}: expected one of {INTERPOLATIONS}")
+    resize = v2.Resize((height, width), interpolation=InterpolationMode(interpolation))
+    return v2.Compose([resize, *_to_normalised_tensor(mean, std)])
+
+
+def _channel_triple(value: Any, name: str, *, positive: bool) -> tuple[float, float, float]:
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != 3
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)
+        or (positive and any(v <= 0 for v in value))
+    ):
+        kind = "positive " if positive else ""
+        raise ValueError(f"{name}={value!r}: expected three {kind}numbers, one per RGB channel, on a 0-1 scale")
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a network wants its test images: size (height, width), resampling, and per-channel mean/std on the
+    0-1 scale of `ToDtype(scale=True)`. A checkpoint records it, so the Encoder, evaluation, an ONNX export and
+    the service all feed a model the images its training (or its source framework) fed it."""
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if (
+            not isinstance(size, Sequence)
+            or len(size) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
+        ):
+            raise ValueError(f"image_size={size!r}: expected [height, width], two positive integers")
+        object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+        object.__setattr__(self, "mean", _channel_triple(self.mean, "mean", positive=False))
+        object.__setattr__(self, "std", _channel_triple(self.std, "std", positive=True))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={self.interpolation!r}: expected one of {INTERPOLATIONS}")
+
+    def resized(self, image_size: Sequence[int] | None) -> Preprocessing:
+        """The same preprocessing at another input size (None keeps this one)."""
+        if image_size is None:
+            return self
+        return Preprocessing(image_size, self.mean, self.std, self.interpolation)  # type: ignore[arg-type]
+
+    def transform(self) -> Callable:
+        """The test pipeline: PIL RGB image in, normalised float tensor (3, height, width) out."""
+        return build_test_transform(*self.image_size, mean=self.mean, std=self.std, interpolation=self.interpolation)
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain values for a checkpoint's hyper-parameters or a JSON file."""
+        return {
+            "image_size": list(self.image_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], *, source: str) -> Preprocessing:
+        """The inverse of `to_record`; mean, std and interpolation default to agw_light's own (ImageNet, bilinear),
+        which is what every checkpoint written before they were recorded used. Errors name `source`."""
+        try:
+            return cls(
+                record["image_size"],
+                record.get("mean", IMAGENET_MEAN),
+                record.get("std", IMAGENET_STD),
+                record.get("interpolation", "bilinear"),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: preprocessing record {dict(record)!r} is not valid ({error})") from error

@@ -1,6 +1,6 @@
 """Encoder: images in, what the model ranks with out, from a checkpoint or an exported ONNX file.
 
-One preprocessing (`build_test_transform` at the model's own image size and normalisation) and one output
+One preprocessing (the checkpoint's `Preprocessing`: image size, resampling, normalisation) and one output
 (the eval forward: the float feature, or the relaxed codes of every pyramid level, before the model's
 `ranking_features`), whatever runs the network: PyTorch on any device, or onnxruntime on the CPU.
 Evaluation, the ranked-list pictures and the search CLI embed through it, so a user's own images are
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+from agw_light.data.transforms import Preprocessing
 from agw_light.visualization import open_rgb
 
 if TYPE_CHECKING:
-    pass
+    from agw_light.inference.checkpoint import LoadedCheckpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -72,13 +72,17 @@ def onnxruntime_available() -> bool:
 
 
 class _TorchRunner:
+    """The network on `device`; on CUDA in channels-last layout (NHWC convolutions are faster there)."""
+
     def __init__(self, network: nn.Module, device: torch.device) -> None:
-        self.network = network.to(device).eval()
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.network = network.to(device, memory_format=self.memory_format).eval()
         self.device = device
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images.to(self.device, non_blocking=True)).float().cpu()
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return self.network(images).float().cpu()
 
 
 class _OnnxRuntimeRunner:
@@ -115,10 +119,11 @@ class _OnnxRuntimeRunner:
 class Encoder:
     """Images -> the model's eval output (float features or relaxed codes), one row per image.
 
-    Build it with `from_checkpoint`, `from_onnx` or `from_network`. It exposes what a user of the outputs
-    needs: `distance` (how to compare them), `code_lengths` (None for a float feature; else the pyramid, whose
-    first `code_lengths[0]` columns exact ranking compares), `image_size` (height, width) and
-    `checkpoint_sha256` (None when unknown), and `backend` ("torch" or "onnxruntime").
+    Build it with `from_checkpoint`, `from_loaded`, `from_onnx` or `from_network`. It exposes what a user of the
+    outputs needs: `distance` (how to compare them), `code_lengths` (None for a float feature; else the pyramid,
+    whose first `code_lengths[0]` columns exact ranking compares), `preprocessing` (image size, resampling,
+    normalisation; `image_size` is its (height, width)), `checkpoint_sha256` (None when unknown), and `backend`
+    ("torch" or "onnxruntime").
     """
 
     def __init__(
@@ -126,23 +131,23 @@ class Encoder:
         run: Callable[[torch.Tensor], torch.Tensor],
         *,
         backend: str,
-        image_size: Sequence[int] | None,
+        preprocessing: Preprocessing | None,
         distance: str,
         code_lengths: Sequence[int] | None,
         checkpoint_sha256: str | None = None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         self._run = run
         self.backend = backend
-        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self.preprocessing = preprocessing
         self.distance = distance
         self.code_lengths = None if code_lengths is None else tuple(int(v) for v in code_lengths)
         self.checkpoint_sha256 = checkpoint_sha256
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.transform = (
-            None if self.image_size is None else build_test_transform(*self.image_size, mean=self.mean, std=self.std)
-        )
+        self.transform = None if preprocessing is None else preprocessing.transform()
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) the images are resized to; None for an encoder of preprocessed batches only."""
+        return None if self.preprocessing is None else self.preprocessing.image_size
 
     # --- construction -------------------------------------------------------------------------------------
 
@@ -151,36 +156,64 @@ class Encoder:
         cls,
         network: nn.Module,
         *,
-        image_size: Sequence[int] | None,
+        preprocessing: Preprocessing | None,
         device: str | torch.device = "auto",
         backend: str = "torch",
         checkpoint_sha256: str | None = None,
         threads: int | None = None,
     ) -> Encoder:
-        """An encoder around an in-memory network: a `ReIDModel`, or a module whose `.model` is one (LitReID,
-        which then runs with its own options such as channels_last). Without an `image_size` it only encodes
-        preprocessed batches (`encode_loader`, `__call__`); onnxruntime needs one (the exported input size)."""
-        model = getattr(network, "model", network)
+        """An encoder around an in-memory `ReIDModel`.
+
+        Args:
+            network: the model; it is moved to `device` and put in eval mode.
+            preprocessing: how images become its input; None makes an encoder of preprocessed batches only
+                (`encode_loader`, `__call__`). onnxruntime needs one (the exported input size).
+            device: "auto" (the GPU when there is one), "cpu", "cuda", ...
+            backend: "torch", "onnxruntime" (CPU only; the network is exported in memory) or "auto".
+            checkpoint_sha256: recorded on the encoder (and in an ONNX export's metadata).
+            threads: onnxruntime's intra-op threads (default: torch's thread count).
+        """
         device = pick_device(device)
         backend = _resolve_backend(backend, device)
         if backend == "onnxruntime":
             from agw_light.inference.onnx import export_onnx, onnx_metadata
 
-            if image_size is None:
-                raise ValueError("backend='onnxruntime' exports the network at one input size: pass image_size")
-
-            metadata = onnx_metadata(model, image_size=image_size, checkpoint_sha256=checkpoint_sha256)
-            onnx_model = export_onnx(model, image_size=image_size, metadata=metadata)
+            if preprocessing is None:
+                raise ValueError("backend='onnxruntime' exports the network at one input size: pass preprocessing")
+            metadata = onnx_metadata(network, preprocessing=preprocessing, checkpoint_sha256=checkpoint_sha256)
+            onnx_model = export_onnx(network, image_size=preprocessing.image_size, metadata=metadata)
             run: Callable = _OnnxRuntimeRunner(onnx_model, threads=threads, source="<exported in memory>")
         else:
             run = _TorchRunner(network, device)
         return cls(
             run,
             backend=backend,
-            image_size=image_size,
-            distance=model.distance,
-            code_lengths=model.code_lengths,
+            preprocessing=preprocessing,
+            distance=network.distance,
+            code_lengths=network.code_lengths,
             checkpoint_sha256=checkpoint_sha256,
+        )
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: LoadedCheckpoint,
+        *,
+        device: str | torch.device = "auto",
+        backend: str = "auto",
+        image_size: Sequence[int] | None = None,
+        threads: int | None = None,
+    ) -> Encoder:
+        """An encoder for a checkpoint already loaded (`agw_light.inference.checkpoint.load_checkpoint`), with its
+        preprocessing, at another input size only if `image_size` (height, width) asks for one."""
+        preprocessing = loaded.preprocessing_or(None if image_size is None else tuple(image_size))
+        return cls.from_network(
+            loaded.network,
+            preprocessing=preprocessing.resized(image_size),
+            device=device,
+            backend=backend,
+            checkpoint_sha256=loaded.sha256,
+            threads=threads,
         )
 
     @classmethod
@@ -193,25 +226,22 @@ class Encoder:
         image_size: Sequence[int] | None = None,
         threads: int | None = None,
     ) -> Encoder:
-        """The checkpoint's network (read with weights_only=True, every weight key matched), at the image size
-        it was trained at unless `image_size` asks for another. `threads`: onnxruntime's intra-op threads
-        (default: torch's thread count)."""
-        from agw_light.files import file_sha256
-        from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
+        """The checkpoint's network and preprocessing (an agw_light checkpoint, trained or converted from another
+        framework: read with weights_only=True, every weight key matched).
+
+        Args:
+            path: the .ckpt file.
+            device: "auto" (the GPU when there is one), "cpu", "cuda", ...
+            backend: "auto" (onnxruntime on the CPU when the deploy extra is installed, else torch), "torch" or
+                "onnxruntime".
+            image_size: (height, width) to feed instead of the size the checkpoint records.
+            threads: onnxruntime's intra-op threads (default: torch's thread count).
+        """
+        from agw_light.inference.checkpoint import load_checkpoint
 
         _resolve_backend(backend, pick_device(device))  # a wrong backend fails before the checkpoint is read
-        checkpoint = read_checkpoint(path)
-        network = network_from_checkpoint(path, checkpoint)
-        size = image_size or checkpoint["hyper_parameters"].get("image_size")
-        if not size:
-            raise ValueError(f"checkpoint {path} records no image size: pass image_size=(height, width)")
-        return cls.from_network(
-            network,
-            image_size=size,
-            device=device,
-            backend=backend,
-            checkpoint_sha256=file_sha256(path),
-            threads=threads,
+        return cls.from_loaded(
+            load_checkpoint(path), device=device, backend=backend, image_size=image_size, threads=threads
         )
 
     @classmethod

@@ -3,7 +3,7 @@
 The exported graph is exactly the eval forward (`ReIDModel.forward` in eval mode): the BNNeck feature for a
 float head, the relaxed codes (tanh, all pyramid levels side by side) for a code head; `ranking_features`
 and the distance stay with the reader, who finds what it needs in the model's metadata_props: input size,
-normalisation, code lengths, distance and the SHA-256 of the checkpoint it came from. The batch dimension
+normalisation, resampling, code lengths, distance and the SHA-256 of the checkpoint it came from. The batch dimension
 is dynamic. torch 2.14's exporter is the dynamo one (`torch.onnx.export(..., dynamo=True)`, which needs
 onnxscript); the TorchScript exporter still works but is deprecated.
 """
@@ -20,10 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from agw_light.data.transforms import Preprocessing
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "outputs"
-# metadata_props keys; values are JSON text (ONNX metadata values are strings).
+# metadata_props keys; values are JSON text (ONNX metadata values are strings). "interpolation" is optional: files
+# exported before it was recorded were all bilinear.
 METADATA_KEYS = ("image_size", "mean", "std", "code_lengths", "distance", "checkpoint_sha256")
+OPTIONAL_METADATA = {"interpolation": "bilinear"}
 # The ONNX operator set the export targets (onnxruntime 1.17+ runs it).
 OPSET = 18
 
@@ -52,16 +56,13 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def onnx_metadata(network, *, image_size: Sequence[int], checkpoint_sha256: str | None) -> dict[str, str]:
-    """The metadata_props of an exported `ReIDModel`: everything an encoder needs besides the graph (input
-    size, the evaluation transform's normalisation, the code lengths and distance of its retrieval contract)."""
-    from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
+def onnx_metadata(network, *, preprocessing: Preprocessing, checkpoint_sha256: str | None) -> dict[str, str]:
+    """The metadata_props of an exported `ReIDModel`: everything an encoder needs besides the graph (the
+    checkpoint's preprocessing: input size, resampling, normalisation; the code lengths and distance of its
+    retrieval contract)."""
     code_lengths = network.code_lengths
     values = {
-        "image_size": [int(v) for v in image_size],
-        "mean": [float(v) for v in IMAGENET_MEAN],
-        "std": [float(v) for v in IMAGENET_STD],
+        **preprocessing.to_record(),
         "code_lengths": None if code_lengths is None else [int(v) for v in code_lengths],
         "distance": network.distance,
         "checkpoint_sha256": checkpoint_sha256,
@@ -70,20 +71,20 @@ def onnx_metadata(network, *, image_size: Sequence[int], checkpoint_sha256: str 
 
 
 def parse_metadata(path: str | Path, props: dict[str, str]) -> dict[str, Any]:
-    """metadata_props back to values; an error naming the file when one is missing or malformed."""
+    """metadata_props back to the Encoder's arguments (preprocessing, code_lengths, distance, checkpoint_sha256);
+    an error naming the file when one is missing or malformed."""
     missing = [key for key in METADATA_KEYS if key not in props]
     if missing:
         raise ValueError(
             f"ONNX model {path} lacks metadata {missing}: expected a file written by `python -m agw_light.export`"
         )
     try:
-        values = {key: json.loads(props[key]) for key in METADATA_KEYS}
+        values = {key: json.loads(props[key]) for key in (*METADATA_KEYS, *OPTIONAL_METADATA) if key in props}
     except json.JSONDecodeError as error:
         raise ValueError(f"ONNX model {path}: metadata is not JSON ({error})") from error
-    size = values["image_size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise ValueError(f"ONNX model {path}: metadata image_size={size!r}, expected [height, width]")
-    return values
+    record = {key: values.pop(key, default) for key, default in (("image_size", None), *OPTIONAL_METADATA.items())}
+    record.update(mean=values.pop("mean"), std=values.pop("std"))
+    return {**values, "preprocessing": Preprocessing.from_record(record, source=f"ONNX model {path}")}
 
 
 def export_onnx(network: nn.Module, *, image_size: Sequence[int], metadata: dict[str, str]) -> bytes:
@@ -115,16 +116,13 @@ def export_onnx(network: nn.Module, *, image_size: Sequence[int], metadata: dict
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, image_size: Sequence[int] | None = None) -> Path:
-    """Writes the checkpoint's eval network as ONNX at `out` (atomically), at its training image size unless
-    `image_size` (height, width) asks for another; returns the path."""
-    from agw_light.files import file_sha256, write_atomic
-    from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
+    """Writes the checkpoint's eval network as ONNX at `out` (atomically), with the checkpoint's preprocessing,
+    at its recorded image size unless `image_size` (height, width) asks for another; returns the path."""
+    from agw_light.files import write_atomic
+    from agw_light.inference.checkpoint import load_checkpoint
 
-    checkpoint = read_checkpoint(ckpt)
-    network = network_from_checkpoint(ckpt, checkpoint)
-    size = image_size or checkpoint["hyper_parameters"].get("image_size")
-    if not size:
-        raise ValueError(f"checkpoint {ckpt} records no image size: pass image_size=[height,width]")
-    metadata = onnx_metadata(network, image_size=size, checkpoint_sha256=file_sha256(ckpt))
-    data = export_onnx(network, image_size=size, metadata=metadata)
+    loaded = load_checkpoint(ckpt)
+    preprocessing = loaded.preprocessing_or(None if image_size is None else tuple(image_size)).resized(image_size)
+    metadata = onnx_metadata(loaded.network, preprocessing=preprocessing, checkpoint_sha256=loaded.sha256)
+    data = export_onnx(loaded.network, image_size=preprocessing.image_size, metadata=metadata)
     return write_atomic(out, lambda handle: handle.write(data))

@@ -31,7 +31,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, through `write_atomic`: a temp file in the checkpoint's folder, fsync,
     rename. A kill or a full disk during a save leaves the previous checkpoint under its name and no partial
     file under the final one. (Lightning's own writer stages the file in the system temp folder and moves it,
-    which is a copy, cut short by a kill, when that folder is on another filesystem.)"""
+    which is a copy, cut short by a kill, when that folder is on another filesystem.)
+
+    `preloaded` maps a path to its already-read contents (`read_resumable`), served once instead of reading the
+    file again when Lightning resumes from it: a resumed run reads its checkpoint once.
+    """
+
+    def __init__(self, preloaded: dict[str | Path, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self._preloaded = {os.path.realpath(path): contents for path, contents in (preloaded or {}).items()}
+
+    def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        contents = self._preloaded.pop(os.path.realpath(path), None)
+        return contents if contents is not None else super().load_checkpoint(path, *args, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -126,12 +138,13 @@ class StopOnSignal(pl.Callback):
         )
 
 
-def check_resumable(path: str | Path) -> None:
-    """Fails before training starts, naming the file, when `resume=` cannot continue a run: missing,
-    truncated or unreadable, not an agw_light checkpoint, or a weights-only file without the training state
-    (Lightning would fail later with a bare EOFError, IndexError or KeyError)."""
+def read_resumable(path: str | Path) -> dict[str, Any]:
+    """The checkpoint `resume=` names, read once; fails before training starts, naming the file, when it cannot
+    continue a run: missing, truncated or unreadable, not an agw_light checkpoint, or a weights-only file without
+    the training state (a converted one, say: Lightning would fail later with a bare EOFError, IndexError or
+    KeyError). Hand the result to `AtomicCheckpointIO(preloaded=...)` so Lightning does not read it again."""
     try:
-        checkpoint = read_checkpoint(path)
+        checkpoint, _ = read_checkpoint(path)
     except (FileNotFoundError, ValueError) as error:
         raise type(error)(f"resume={path}: {error}") from error
     missing = [key for key in TRAINING_STATE_KEYS if key not in checkpoint]
@@ -140,3 +153,4 @@ def check_resumable(path: str | Path) -> None:
             f"resume={path}: this checkpoint holds weights but no training state (missing {', '.join(missing)}); "
             "resume from a last.ckpt or best-*.ckpt written by agw_light.train"
         )
+    return checkpoint

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from agw_light.files import file_sha256
-from agw_light.inference.checkpoint import module_arguments, read_checkpoint, rebuilding
+from agw_light.inference.checkpoint import TRAINING_MODEL_OPTIONS
 from agw_light.lit.teacher import load_teacher, teacher_targets
 from agw_light.losses import TEACHER_TARGETS, build_loss_stack
 from agw_light.metrics import ReIDMetric
@@ -41,9 +39,11 @@ class LitReID(pl.LightningModule):
     CLI) resize them as in training; `train_dataset` (the training set's name) is only recorded too, so an
     evaluation on another set knows it is a cross-domain one. `distance` overrides the model's own retrieval
     distance (see `agw_light.models.ReIDModel`); None keeps it. Besides build_model's arguments, `model` takes
-    two options of this module: `channels_last` (True, False, or "auto": on when CUDA is available) and
-    `compile`, which compiles the network's forward with `torch.compile` in place (`nn.Module.compile`), so its
-    weight names and checkpoints stay those of the eager model; a module rebuilt from a checkpoint runs eagerly.
+    options of training (`agw_light.inference.checkpoint.TRAINING_MODEL_OPTIONS`): `channels_last` (True,
+    False, or "auto": on when CUDA is available), `compile`, which compiles the network's forward with
+    `torch.compile` in place (`nn.Module.compile`), so its weight names and checkpoints stay those of the eager
+    model, and `init_from` / `drop_classifier`, only recorded here (the weights are copied in by whoever builds
+    the module for a new run: `agw_light.builders.build_module`). `init_from_sha256` records that file's hash.
     """
 
     def __init__(
@@ -64,15 +64,17 @@ class LitReID(pl.LightningModule):
         teacher_sha256: str | None = None,
         image_size: Sequence[int] | None = None,
         train_dataset: str | None = None,
+        init_from_sha256: str | None = None,
     ) -> None:
         super().__init__()
         # Recorded explicitly (save_hyperparameters reads the arguments below), so a checkpoint always says
         # which non-local width it holds, whatever the default becomes.
         model = {"nonlocal_inter_channels": 1, **model}
-        model_kwargs = dict(model)
-        channels_last = model_kwargs.pop("channels_last", False)
+        options = {key: model.get(key) for key in TRAINING_MODEL_OPTIONS}
+        model_kwargs = {key: value for key, value in model.items() if key not in TRAINING_MODEL_OPTIONS}
+        channels_last = options["channels_last"] or False
         self.channels_last = torch.cuda.is_available() if channels_last == "auto" else bool(channels_last)
-        compile_model = bool(model_kwargs.pop("compile", False))
+        compile_model = bool(options["compile"])
         self.model = build_model(num_classes=num_classes, distance=distance, **model_kwargs)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -83,8 +85,9 @@ class LitReID(pl.LightningModule):
         # A plain attribute, not a submodule: see agw_light.lit.teacher for why.
         object.__setattr__(self, "teacher", None)
         if teacher_ckpt is not None:
-            teacher_sha256 = teacher_sha256 or file_sha256(teacher_ckpt)
-            teacher = load_teacher(teacher_ckpt, num_classes=num_classes, expected_sha256=teacher_sha256)
+            teacher, teacher_sha256 = load_teacher(
+                teacher_ckpt, num_classes=num_classes, expected_sha256=teacher_sha256, image_size=image_size
+            )
             object.__setattr__(self, "teacher", teacher)
         self._check_loss_targets(teacher_ckpt)
         self.save_hyperparameters()
@@ -92,21 +95,6 @@ class LitReID(pl.LightningModule):
         # When kept, `validation_samples` holds the last validation's gathered samples (global rank 0, CPU).
         self.keep_validation_samples = False
         self.validation_samples: dict[str, torch.Tensor] | None = None
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> LitReID:
-        """A trained module rebuilt from its checkpoint alone, in eval mode, every weight key matched.
-
-        What Lightning's `load_from_checkpoint(..., weights_only=True, strict=True)` does, with the arguments
-        a trained model needs (`agw_light.inference.checkpoint.module_arguments`): no pretrained download, no
-        teacher. The file is read once, and a file that is not a checkpoint gets an error naming it.
-        """
-        checkpoint = read_checkpoint(path, map_location)
-        with rebuilding(path):
-            arguments = module_arguments(checkpoint["hyper_parameters"])
-            module = cls(**{**arguments, "model": {**arguments["model"], "compile": False}})
-            module.load_state_dict(checkpoint["state_dict"], strict=True)
-        return module.eval()
 
     def _check_loss_targets(self, teacher_ckpt: str | None) -> None:
         """Fails at construction, not at the first step, when a loss reads a teacher target without a teacher.

@@ -9,14 +9,15 @@ checkpoint stores only its path and SHA-256.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from agw_light.files import file_sha256
-from agw_light.inference.checkpoint import network_from_checkpoint, read_checkpoint
-from agw_light.models import BNNeckHead
+from agw_light.inference.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def resolve_teacher_checkpoint(path: str | Path) -> Path:
@@ -54,41 +55,64 @@ def resolve_teacher_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_teacher(ckpt_path: str | Path, *, num_classes: int, expected_sha256: str | None = None) -> nn.Module:
-    """The teacher network of an agw_light checkpoint, frozen in eval mode; checks it fits the student."""
+def load_teacher(
+    ckpt_path: str | Path,
+    *,
+    num_classes: int,
+    expected_sha256: str | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> tuple[nn.Module, str]:
+    """(teacher network, SHA-256 of its file) of an agw_light checkpoint (trained, or converted from another
+    framework), frozen in eval mode. Checks that it fits the student: the same training identities, a float
+    feature with a classifier, the student's normalisation, and (a warning only) the student's image size."""
+    from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"light.teacher_ckpt={path}: no such file (expected a row-1 checkpoint written by agw_light.train, "
-            "e.g. outputs/<dataset>/full/<run>/checkpoints/last.ckpt)"
+            f"light.teacher_ckpt={path}: no such file (expected a row-1 checkpoint written by agw_light.train or "
+            "agw_light.convert, e.g. outputs/<dataset>/full/<run>/checkpoints/last.ckpt)"
         )
-    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+    loaded = load_checkpoint(path)
+    if expected_sha256 is not None and loaded.sha256 != expected_sha256:
         raise ValueError(
             f"teacher checkpoint {path} changed since this student was started (SHA-256 differs from "
             f"{expected_sha256[:12]}...): resume with the original teacher file"
         )
-    checkpoint = read_checkpoint(path)
-    teacher_classes = checkpoint["hyper_parameters"].get("num_classes")
-    if teacher_classes != num_classes:
+    teacher = loaded.network
+    if teacher.head.num_classes != num_classes:
         raise ValueError(
-            f"teacher checkpoint {path} classifies {teacher_classes} training identities but the student's "
-            f"dataset has {num_classes}: train the teacher on the same dataset"
+            f"teacher checkpoint {path} classifies {teacher.head.num_classes} training identities but the student's "
+            f"dataset has {num_classes}: the teacher must be trained on the same dataset"
         )
-    teacher = network_from_checkpoint(path, checkpoint)
-    if not isinstance(teacher.head, BNNeckHead):
+    if teacher.code_lengths is not None:
         raise ValueError(
             f"teacher checkpoint {path} has a {type(teacher.head).__name__}; distillation reads the class logits "
-            f"and float feature of a {BNNeckHead.__name__} (a light=full or light=model checkpoint)"
+            "and float feature of a float head (a light=full or light=model checkpoint, or a converted one)"
+        )
+    preprocessing = loaded.preprocessing
+    if preprocessing is not None and (preprocessing.mean, preprocessing.std) != (IMAGENET_MEAN, IMAGENET_STD):
+        raise ValueError(
+            f"teacher checkpoint {path} normalises images with mean {preprocessing.mean} and std "
+            f"{preprocessing.std}, but the student's training batches use ImageNet's {IMAGENET_MEAN}, {IMAGENET_STD}"
+        )
+    if preprocessing is not None and image_size is not None and preprocessing.image_size != tuple(image_size):
+        log.warning(
+            "teacher checkpoint %s was made for %dx%d images; the student trains at %dx%d",
+            path,
+            *preprocessing.image_size,
+            *image_size,
         )
     teacher.requires_grad_(False)
-    return teacher
+    return teacher, loaded.sha256
 
 
 @torch.no_grad()
 def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher's retrieval feature (after BNNeck) and class logits for a training batch: the
+    """The teacher's retrieval feature (its eval output) and class logits for a training batch: the
     `agw_light.losses.TEACHER_TARGETS`."""
     if teacher.training:
         raise RuntimeError("the teacher must stay in eval mode during distillation")
-    features = teacher(images)
-    return {"teacher_logits": teacher.head.classifier(features), "teacher_features": features}
+    head = teacher.head
+    outputs = head.outputs(teacher.forward_features(images))
+    return {"teacher_logits": outputs["logits"], "teacher_features": outputs[head.retrieval_output]}

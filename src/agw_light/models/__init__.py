@@ -8,11 +8,12 @@ from agw_light.models.backbones import (
     read_state_dict,
 )
 from agw_light.models.build import BACKBONES, NECKS, build_model
-from agw_light.models.heads import BNNeckHead, CodePyramidHead, HashHead
-from agw_light.models.pooling import GeneralizedMeanPooling
+from agw_light.models.heads import BNNeckHead, CodePyramidHead, HashHead, PlainHead
+from agw_light.models.pooling import AveragePooling, GeneralizedMeanPooling
 from agw_light.models.reid import ReIDModel
 
 __all__ = [
+    "AveragePooling",
     "BACKBONES",
     "BNNeckHead",
     "CodePyramidHead",
@@ -20,6 +21,7 @@ __all__ = [
     "HashHead",
     "NECKS",
     "NonLocalBlock",
+    "PlainHead",
     "ReIDModel",
     "ResNetBackbone",
     "build_model",

@@ -13,6 +13,9 @@ student use non-local blocks, so the default there is none.
 
 One deliberate difference from the authors' ResNet: their stem omits the ReLU after ``bn1`` (commented out
 as "add missed relu"); we keep torchvision's stem, which is what the ImageNet weights were trained with.
+Networks imported from other frameworks need the other stems: ``stem_relu=False`` is the AGW authors' and
+reid-strong-baseline's, ``maxpool="ceil"`` fast-reid's ``MaxPool2d(3, 2, ceil_mode=True)`` without padding
+(fastreid/modeling/backbones/resnet.py at JDAI-CV/fast-reid c9bc3ce). Both change the function, not the weights.
 
 Weights are torchvision's ``IMAGENET1K_V1``: the original torchvision ResNet weights that AGW loaded
 (``resnet50-19c8e357.pth``, re-serialised by torchvision), not the later V2 training recipe.
@@ -39,6 +42,8 @@ UNTRACKED_KEY_SUFFIXES = (".num_batches_tracked",)
 # Keys an ImageNet checkpoint has that the re-id model drops: the 1000-way classifier.
 IMAGENET_CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 _MAX_KEYS_SHOWN = 20
+# The stem's max-pool: torchvision's MaxPool2d(3, 2, padding=1), or fast-reid's MaxPool2d(3, 2, ceil_mode=True).
+MAXPOOLS = ("padded", "ceil")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class ResNetBackbone(nn.Module):
         last_stride: int = 1,
         nonlocal_layers: Sequence[int] | None = None,
         nonlocal_inter_channels: int | str = 1,
+        stem_relu: bool = True,
+        maxpool: str = "padded",
     ) -> None:
         super().__init__()
         from torchvision import models  # deferred: torchvision adds a second to every CLI start
@@ -85,9 +92,19 @@ class ResNetBackbone(nn.Module):
         spec = resnet_spec(name)
         if last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
+        if not isinstance(stem_relu, bool):
+            raise ValueError(f"stem_relu must be true or false, got {stem_relu!r}")
+        if maxpool not in MAXPOOLS:
+            raise ValueError(
+                f"maxpool={maxpool!r}: expected 'padded' (torchvision's MaxPool2d(3, 2, padding=1)) or 'ceil' "
+                "(fast-reid's MaxPool2d(3, 2, ceil_mode=True))"
+            )
         resnet = getattr(models, name)(weights=None)
         self.name = name
-        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.conv1, self.bn1 = resnet.conv1, resnet.bn1
+        self.relu = resnet.relu if stem_relu else nn.Identity()
+        self.maxpool = resnet.maxpool if maxpool == "padded" else nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+        self.stem_relu, self.maxpool_kind = stem_relu, maxpool
         for stage_name in STAGE_NAMES:  # layer1..layer4, the stages non-local blocks attach to
             setattr(self, stage_name, getattr(resnet, stage_name))
         _set_first_block_stride(self.layer4, last_stride)
@@ -172,17 +189,36 @@ def _imagenet_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str]:
     try:
         return weights.get_state_dict(progress=True, check_hash=True), f"torchvision {weights}"
     except OSError as err:  # URLError, socket and DNS errors are all OSErrors
-        file_name = weights.url.rsplit("/", 1)[-1]
-        raise RuntimeError(
-            f"could not download the ImageNet weights {weights} for {name} from {weights.url} ({err}). "
-            f"Without internet, fetch that file on another machine and pass its path: "
-            f"model.pretrained=/path/to/{file_name}"
-        ) from err
+        hint = offline_hint(weights.url)
+        raise RuntimeError(f"could not download the ImageNet weights {weights} for {name} ({err}). {hint}") from err
+
+
+def offline_hint(url: str) -> str:
+    """Where a machine without internet puts torchvision's weights file so that `pretrained: imagenet` finds it."""
+    import torch.hub
+
+    file_name = url.rsplit("/", 1)[-1]
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return (
+        f"Without internet, fetch {url} on another machine and either copy it to {cache / file_name} (torch's hub "
+        f"cache, $TORCH_HOME; it is then found with model.pretrained=imagenet) or pass its path: "
+        f"model.pretrained=/path/to/{file_name}. A timm ResNet file (.pth, .bin or .safetensors, same key names) "
+        "works as such a path too"
+    )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Reads a plain state_dict or a training checkpoint wrapping one ("state_dict" or "model" key, as
-    torchvision's reference scripts save), dropping DistributedDataParallel's "module." prefixes."""
+    torchvision's reference scripts save), dropping DistributedDataParallel's "module." prefixes. A
+    ``.safetensors`` file (timm's and the Hugging Face hub's format: tensors only, no pickle) is read as such."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
     try:
         # Tensors only (no arbitrary pickled code); torchvision checkpoints also carry their argparse args.
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -9,13 +9,14 @@ from pathlib import Path
 from torch import nn
 
 from agw_light.models.backbones import RESNET_SPECS, ResNetBackbone, load_pretrained
-from agw_light.models.heads import BNNeckHead, CodePyramidHead, HashHead
-from agw_light.models.pooling import GeneralizedMeanPooling
+from agw_light.models.heads import BNNeckHead, CodePyramidHead, HashHead, PlainHead
+from agw_light.models.pooling import build_pooling
 from agw_light.models.reid import ReIDModel
 
 BACKBONES: dict[str, Callable[..., ResNetBackbone]] = {name: partial(ResNetBackbone, name) for name in RESNET_SPECS}
 NECKS: dict[str, Callable[..., nn.Module]] = {
     "bnneck": BNNeckHead,
+    "plain": PlainHead,
     "hash": HashHead,
     "pyramid": CodePyramidHead,
 }
@@ -34,6 +35,11 @@ def build_model(
     neck: str = "bnneck",
     code_lengths: Sequence[int] | None = None,
     distance: str | None = None,
+    stem_relu: bool = True,
+    maxpool: str = "padded",
+    pooling: str = "gem",
+    neck_feat: str = "after",
+    embedding_dim: int | None = None,
 ) -> ReIDModel:
     """Builds AGW's network (ResNet last stride 1 + non-local + GeM + BNNeck) or a lighter variant.
 
@@ -44,29 +50,48 @@ def build_model(
     published network) or "half" of its input channels (Wang et al.'s non-local design).
     gem_learnable: AGW learns p, starting from gem_p.
     neck: "bnneck" (float feature), "hash" (one binary code, light feature) or "pyramid" (codes of several
-    lengths, light search). code_lengths: the code heads' lengths, longest first; None keeps the head's
-    default (2048 bits for "hash", 2048..32 for "pyramid"); "hash" takes exactly one length.
+    lengths, light search), or "plain" (no BNNeck: the pooled feature, a classifier with bias; torchreid's).
+    code_lengths: the code heads' lengths, longest first; None keeps the head's default (2048 bits for "hash",
+    2048..32 for "pyramid"); "hash" takes exactly one length.
     distance: how retrieval compares the eval outputs; None picks the head's own (cosine for "bnneck",
     hamming for the code heads), "euclidean" is the alternative for "bnneck".
+
+    The options below reproduce networks of other frameworks (agw_light.convert); the defaults are AGW's as
+    agw_light trains it. stem_relu: the ReLU after the stem's BatchNorm (torchvision's; the AGW authors' and
+    reid-strong-baseline's networks have none). maxpool: "padded" (torchvision's MaxPool2d(3, 2, padding=1)) or
+    "ceil" (fast-reid's MaxPool2d(3, 2, ceil_mode=True)). pooling: "gem" or "avg" (global average pooling).
+    neck_feat: for "bnneck", whether retrieval reads the feature "after" the BatchNorm or "before" it.
+    embedding_dim: for "plain", a linear + BatchNorm + ReLU embedding of that size after the pooling.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")
     if neck not in NECKS:
         raise ValueError(f"unknown neck {neck!r}; known: {', '.join(sorted(NECKS))}")
-    neck_options = _neck_options(neck, code_lengths)
+    neck_options = _neck_options(neck, code_lengths, neck_feat=neck_feat, embedding_dim=embedding_dim)
     trunk = BACKBONES[backbone](
-        last_stride=last_stride, nonlocal_layers=nonlocal_layers, nonlocal_inter_channels=nonlocal_inter_channels
+        last_stride=last_stride,
+        nonlocal_layers=nonlocal_layers,
+        nonlocal_inter_channels=nonlocal_inter_channels,
+        stem_relu=stem_relu,
+        maxpool=maxpool,
     )
     load_pretrained(trunk, pretrained)
-    pooling = GeneralizedMeanPooling(gem_p, learnable=gem_learnable)
-    head = NECKS[neck](trunk.out_channels, num_classes, pooling=pooling, **neck_options)
+    pool = build_pooling(pooling, p=gem_p, learnable=gem_learnable)
+    head = NECKS[neck](trunk.out_channels, num_classes, pooling=pool, **neck_options)
     return ReIDModel(trunk, head, distance=distance)
 
 
-def _neck_options(neck: str, code_lengths: Sequence[int] | None) -> dict[str, object]:
-    """The head's keyword arguments for `code_lengths`, refusing a combination the head cannot honour."""
+def _neck_options(
+    neck: str, code_lengths: Sequence[int] | None, *, neck_feat: str, embedding_dim: int | None
+) -> dict[str, object]:
+    """The head's keyword arguments, refusing an option the chosen head cannot honour."""
+    if neck_feat != "after" and neck != "bnneck":
+        raise ValueError(f"neck_feat={neck_feat!r} chooses a BNNeck output: it needs neck 'bnneck', not {neck!r}")
+    if embedding_dim is not None and neck != "plain":
+        raise ValueError(f"embedding_dim={embedding_dim!r} is an option of neck 'plain', not of {neck!r}")
+    float_options = {"bnneck": {"neck_feat": neck_feat}, "plain": {"embedding_dim": embedding_dim}}
     if code_lengths is None:
-        return {}
+        return float_options.get(neck, {})
     lengths = [int(length) for length in code_lengths]
     if neck == "pyramid":
         return {"code_lengths": tuple(lengths)}

@@ -19,20 +19,34 @@ from torch import nn
 
 from agw_light.models.pooling import GeneralizedMeanPooling
 
+# Which BNNeck output a BNNeckHead returns for retrieval: after the BatchNorm (BoT, AGW, fast-reid) or before it
+# (reid-strong-baseline's and ReID-Survey's TEST.NECK_FEAT: 'before').
+NECK_FEATS = ("after", "before")
+
+
+def _check_classes(head: nn.Module, num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{type(head).__name__} needs num_classes >= 1 (training identities), got {num_classes!r}")
+
 
 class BNNeckHead(nn.Module):
     """Pooling + BNNeck + ID classifier.
 
-    Train mode returns {"features": pooled, "bn_features": after BN, "logits": classifier output};
-    eval mode returns only the retrieval feature (after BN), of size ``feature_dim``.
+    `outputs` (and train mode) gives {"features": pooled, "bn_features": after BN, "logits": classifier output};
+    eval mode returns only the retrieval feature of size ``feature_dim``: after the BatchNorm, or before it with
+    ``neck_feat="before"``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, pooling: nn.Module | None = None) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, *, pooling: nn.Module | None = None, neck_feat: str = "after"
+    ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"BNNeckHead needs num_classes >= 1 (training identities), got {num_classes}")
+        _check_classes(self, num_classes)
+        if neck_feat not in NECK_FEATS:
+            raise ValueError(f"neck_feat={neck_feat!r}: expected one of {NECK_FEATS}")
         self.feature_dim = in_channels
         self.num_classes = num_classes
+        self.neck_feat = neck_feat
         self.pooling = GeneralizedMeanPooling() if pooling is None else pooling
         self.bottleneck = nn.BatchNorm1d(in_channels)
         nn.init.ones_(self.bottleneck.weight)
@@ -41,12 +55,61 @@ class BNNeckHead(nn.Module):
         self.classifier = nn.Linear(in_channels, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
-    def forward(self, feature_map: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+    def outputs(self, feature_map: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output, in either mode: the pooled feature, its BNNeck output and the class logits."""
         features = self.pooling(feature_map)
         bn_features = self.bottleneck(features)
-        if not self.training:
-            return bn_features
         return {"features": features, "bn_features": bn_features, "logits": self.classifier(bn_features)}
+
+    @property
+    def retrieval_output(self) -> str:
+        """The `outputs` key eval mode returns."""
+        return "bn_features" if self.neck_feat == "after" else "features"
+
+    def forward(self, feature_map: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        outputs = self.outputs(feature_map)
+        return outputs if self.training else outputs[self.retrieval_output]
+
+
+class PlainHead(nn.Module):
+    """Pooling (+ an optional embedding: linear, BatchNorm, ReLU) + a classifier with bias, no BNNeck.
+
+    The head of torchreid's softmax ResNets (``fc_dims=[512]`` for ``resnet50_fc512``) and of
+    reid-strong-baseline with ``MODEL.NECK: 'no'``: retrieval compares the pooled (or embedded) feature itself.
+    `outputs` gives {"features", "bn_features" (the same tensor: there is no neck), "logits"}.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, *, pooling: nn.Module | None = None, embedding_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        _check_classes(self, num_classes)
+        self.pooling = GeneralizedMeanPooling() if pooling is None else pooling
+        self.embedding = None
+        if embedding_dim is not None:
+            if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+                raise ValueError(f"embedding_dim={embedding_dim!r}: expected a positive integer or null")
+            self.embedding = nn.Sequential(
+                nn.Linear(in_channels, embedding_dim), nn.BatchNorm1d(embedding_dim), nn.ReLU(inplace=True)
+            )
+        self.feature_dim = in_channels if embedding_dim is None else embedding_dim
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+        nn.init.zeros_(self.classifier.bias)
+
+    retrieval_output = "features"
+
+    def outputs(self, feature_map: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output, in either mode: the (embedded) pooled feature and the class logits."""
+        features = self.pooling(feature_map)
+        if self.embedding is not None:
+            features = self.embedding(features)
+        return {"features": features, "bn_features": features, "logits": self.classifier(features)}
+
+    def forward(self, feature_map: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        outputs = self.outputs(feature_map)
+        return outputs if self.training else outputs["features"]
 
 
 DEFAULT_PYRAMID = (2048, 1024, 512, 256, 128, 64, 32)
@@ -96,8 +159,7 @@ class CodePyramidHead(nn.Module):
         code_lengths: tuple[int, ...] | list[int] = DEFAULT_PYRAMID,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"{type(self).__name__} needs num_classes >= 1 (training identities), got {num_classes}")
+        _check_classes(self, num_classes)
         lengths = tuple(int(length) for length in code_lengths)
         if not lengths or min(lengths) < 1 or any(a <= b for a, b in itertools.pairwise(lengths)):
             raise ValueError(

@@ -34,3 +34,26 @@ class GeneralizedMeanPooling(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.4g}, learnable={isinstance(self.p, nn.Parameter)}, eps={self.eps}"
+
+
+class AveragePooling(nn.Module):
+    """Global average pooling, (B, C, H, W) -> (B, C): the pooling of BoT, reid-strong-baseline and torchreid.
+
+    Its own module (not GeM with p = 1) because GeM clamps at eps first, which changes exact zeros, and an
+    imported network must compute its source's function exactly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+POOLINGS = ("gem", "avg")
+
+
+def build_pooling(kind: str = "gem", *, p: float = 3.0, learnable: bool = True) -> nn.Module:
+    """The head's global pooling: "gem" (AGW's, `p` learnable or fixed) or "avg"."""
+    if kind == "gem":
+        return GeneralizedMeanPooling(p, learnable=learnable)
+    if kind == "avg":
+        return AveragePooling()
+    raise ValueError(f"pooling={kind!r}: expected one of {POOLINGS}")

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agw_light.files import file_sha256
 from agw_light.inference import Encoder
+from agw_light.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from agw_light.search import SearchIndex, load_index
 
 # Pillow refuses images above this many pixels (a decompression bomb in a few kilobytes of PNG).
@@ -87,10 +87,10 @@ class GallerySearch:
         `device` and `backend` choose how queries are embedded (`agw_light.inference.Encoder`)."""
         index_dir = Path(index_dir)
         index = load_index(index_dir)
-        checkpoint, image_size = recorded_checkpoint(index, index_dir)
         if isinstance(concurrent_queries, bool) or not isinstance(concurrent_queries, int) or concurrent_queries < 1:
             raise ValueError(f"concurrent_queries={concurrent_queries!r}: expected a positive integer")
-        encoder = Encoder.from_checkpoint(checkpoint, image_size=image_size, device=device, backend=backend)
+        loaded, image_size = recorded_checkpoint(index, index_dir)
+        encoder = Encoder.from_loaded(loaded, image_size=image_size, device=device, backend=backend)
         return cls(index, encoder, index_dir=index_dir, concurrent_queries=concurrent_queries)
 
     def describe(self) -> dict[str, Any]:
@@ -145,9 +145,9 @@ def hit_json(hit: Hit) -> dict[str, Any]:
     return asdict(hit)
 
 
-def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[Path, tuple[int, int] | None]:
-    """(checkpoint, image size) recorded in the index's manifest, once the checkpoint's bytes are checked to
-    be the ones that built the index."""
+def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[LoadedCheckpoint, tuple[int, int] | None]:
+    """(the loaded checkpoint, image size) recorded in the index's manifest, once the checkpoint's bytes are checked
+    to be the ones that built the index (the hash of the bytes loaded: the file is read once)."""
     record = index.record or {}
     manifest = index_dir / "manifest.json"
     if not record.get("ckpt") or not record.get("ckpt_sha256"):
@@ -161,11 +161,12 @@ def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[Path, tupl
             f"checkpoint {checkpoint}: not found; the index {index_dir} was built by it (SHA-256 "
             f"{record['ckpt_sha256']}): restore that file or rebuild the index"
         )
-    actual = file_sha256(checkpoint)
+    loaded = load_checkpoint(checkpoint)
+    actual = loaded.sha256
     if actual != record["ckpt_sha256"]:
         raise ValueError(
             f"checkpoint {checkpoint}: SHA-256 {actual}, but the index {index_dir} was built by a checkpoint with "
             f"SHA-256 {record['ckpt_sha256']}; its outputs would not match the index: rebuild the index"
         )
     size = record.get("image_size")
-    return checkpoint, (int(size[0]), int(size[1])) if size else None
+    return loaded, (int(size[0]), int(size[1])) if size else None
