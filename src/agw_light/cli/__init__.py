@@ -6,6 +6,7 @@ python -m agw_light.visualize   ranked-list pictures of a checkpoint        agw-
 python -m agw_light.report      a sweep's results table and plots           agw-report
 python -m agw_light.search      build / query a saved gallery index         agw-search
 python -m agw_light.export      a checkpoint as ONNX, with its metadata     agw-export
+python -m agw_light.convert     another framework's model as a checkpoint   agw-convert
 python -m agw_light.serve       gallery search: JSON API and web page       agw-serve
 """
 

@@ -235,7 +235,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     not_tensors = [str(key) for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise ValueError(
-            f"{path}: expected a state_dict of tensors, but these entries are not tensors: {_key_list(not_tensors)}"
+            f"{path}: expected a state_dict of tensors, but these entries are not tensors: {key_list(not_tensors)}"
         )
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
@@ -260,17 +260,18 @@ def load_backbone_state_dict(backbone: ResNetBackbone, state_dict: Mapping[str, 
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_key_list(missing)}")
+        problems.append(f"missing keys: {key_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_key_list(unexpected)}")
+        problems.append(f"unexpected keys: {key_list(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatches: {_key_list(mismatched)}")
+        problems.append(f"shape mismatches: {key_list(mismatched)}")
     if problems:
         summary = "; ".join(problems)
         raise ValueError(f"pretrained weights {source} do not fit the {backbone.name} backbone: {summary}")
     backbone.load_state_dict({key: value for key, value in state_dict.items() if key in own}, strict=False)
 
 
-def _key_list(keys: Sequence[str]) -> str:
+def key_list(keys: Sequence[str]) -> str:
+    """Keys for an error message: the first 20, then how many more."""
     shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
     return shown if len(keys) <= _MAX_KEYS_SHOWN else f"{shown} ... and {len(keys) - _MAX_KEYS_SHOWN} more"
