@@ -39,6 +39,7 @@ from agw_light.data.datasets import (
 )
 from agw_light.data.samplers import PKSampler
 from agw_light.data.transforms import build_test_transform, build_train_transform
+from agw_light.images import open_rgb
 
 SYNTHETIC = "synthetic"
 log = logging.getLogger(__name__)
@@ -63,14 +64,11 @@ class ReIDImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image
-
         path, pid, camid = self.samples[index]
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except OSError as error:  # missing, truncated or not an image (PIL.UnidentifiedImageError)
-            raise OSError(f"cannot read image file {path!r} (sample {index}): {error}") from error
+            rgb = open_rgb(path)
+        except OSError as error:  # missing, truncated or not an image of the allowed formats
+            raise OSError(f"sample {index}: {error}") from error
         return {
             "image": self.transform(rgb),
             "pid": pid,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agw_light.data.layouts import LayoutSample, read_image_lists, scan_identity_folders
+from agw_light.images import IMAGE_FORMATS
 
 Sample = tuple[str, int, int]
 
@@ -202,7 +203,7 @@ def _image_problem(path: str) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=list(IMAGE_FORMATS)) as image:
             image.draft(None, (1, 1))
             image.load()
     except Exception as error:  # any failure means the loaders would fail on this file later

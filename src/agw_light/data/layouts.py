@@ -26,11 +26,12 @@ import os
 import re
 from pathlib import Path
 
+from agw_light.images import IMAGE_SUFFIXES
+
 # (path, pid, camid or None: no camera id known).
 LayoutSample = tuple[str, int, int | None]
 
 SPLITS = ("train", "query", "gallery")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LIST_LINE_TEXT = "'<path> <pid> [<camid>]': a path without spaces, then non-negative integers"
 NON_NEGATIVE_INTEGER = re.compile(r"\d+")
 
@@ -165,7 +166,7 @@ def scan_identity_folders(
                 )
             for name in sorted(os.listdir(entry.path)):
                 image = os.path.join(entry.path, name)
-                if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(image):
+                if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES) or not os.path.isfile(image):
                     continue
                 samples.append((image, int(entry.name), None if regex is None else _camera(regex, image)))
         if not samples:

@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from agw_light.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
-from agw_light.visualization import open_rgb
+from agw_light.images import IMAGE_SUFFIXES, open_rgb
 
 if TYPE_CHECKING:
     pass
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 BACKENDS = ("auto", "torch", "onnxruntime")
 # encode() shows a progress bar from this many images on (a single request stays quiet).
 PROGRESS_MIN_IMAGES = 512
