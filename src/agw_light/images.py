@@ -60,7 +60,7 @@ def open_rgb(
 
     if isinstance(source, Image.Image):
         return source.convert("RGB")
-    name = getattr(source, "name", source)
+    name = source if isinstance(source, str | Path) else getattr(source, "name", "in-memory data")
     try:
         with Image.open(source, formats=list(IMAGE_FORMATS)) as image:
             if draft_size is not None:

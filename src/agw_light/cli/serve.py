@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
         gallery = GallerySearch.open(
             cfg.index, device=cfg.device, backend=cfg.backend, concurrent_queries=cfg.concurrent_queries
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # missing, changed, malformed: the one-line reason, no traceback
         raise SystemExit(f"serve: {error}") from error
     allowed_hosts = default_allowed_hosts(cfg.host) if cfg.allowed_hosts is None else list(cfg.allowed_hosts)
     app = create_app(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agw_light.data.layouts import LayoutSample, read_image_lists, scan_identity_folders
-from agw_light.images import IMAGE_FORMATS
+from agw_light.images import FORMATS_TEXT, IMAGE_FORMATS
 
 Sample = tuple[str, int, int]
 
@@ -206,6 +206,8 @@ def _image_problem(path: str) -> str | None:
         with Image.open(path, formats=list(IMAGE_FORMATS)) as image:
             image.draft(None, (1, 1))
             image.load()
+    except Image.UnidentifiedImageError:
+        return f"not an image of the formats read ({FORMATS_TEXT})"
     except Exception as error:  # any failure means the loaders would fail on this file later
         return f"{type(error).__name__}: {error}"
     return None

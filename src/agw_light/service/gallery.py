@@ -106,7 +106,13 @@ class GallerySearch:
         checkpoint, image_size = recorded_checkpoint(index, index_dir)
         if isinstance(concurrent_queries, bool) or not isinstance(concurrent_queries, int) or concurrent_queries < 1:
             raise ValueError(f"concurrent_queries={concurrent_queries!r}: expected a positive integer")
-        encoder = Encoder.from_checkpoint(checkpoint, image_size=image_size, device=device, backend=backend)
+        encoder = Encoder.from_checkpoint(checkpoint, device=device, backend=backend)
+        if image_size is not None and image_size != encoder.image_size:
+            raise ValueError(
+                f"{index_dir / 'manifest.json'}: records image size {list(image_size)}, but checkpoint {checkpoint} "
+                f"was trained at {list(encoder.image_size)}: queries would not be embedded as its gallery was; "
+                "rebuild the index with `python -m agw_light.search build` (no height/width override)"
+            )
         return cls(index, encoder, index_dir=index_dir, concurrent_queries=concurrent_queries)
 
     def describe(self) -> dict[str, Any]:
@@ -183,7 +189,7 @@ def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[Path, tupl
     be the ones that built the index."""
     record = index.record or {}
     manifest = index_dir / "manifest.json"
-    if not record.get("ckpt") or not record.get("ckpt_sha256"):
+    if not all(isinstance(record.get(key), str) and record[key] for key in ("ckpt", "ckpt_sha256")):
         raise ValueError(
             f"{manifest}: records no checkpoint and SHA-256 (the index was not written by `python -m "
             "agw_light.search build`): the service cannot know which model fills it; rebuild it with that command"
@@ -201,4 +207,10 @@ def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[Path, tupl
             f"SHA-256 {record['ckpt_sha256']}; its outputs would not match the index: rebuild the index"
         )
     size = record.get("image_size")
-    return checkpoint, (int(size[0]), int(size[1])) if size else None
+    if size is None:
+        return checkpoint, None
+    if not (
+        isinstance(size, list) and len(size) == 2 and all(type(side) is int and 0 < side <= 10_000 for side in size)
+    ):
+        raise ValueError(f"{manifest}: image_size {size!r} is not [height, width] in pixels (two positive integers)")
+    return checkpoint, (size[0], size[1])
