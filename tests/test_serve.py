@@ -23,16 +23,16 @@ pytest.importorskip("fastapi", reason="the service needs the deploy extra: pip i
 from fastapi.testclient import TestClient  # noqa: E402
 
 from agw_light.cli.search import main as search_main  # noqa: E402
-from agw_light.data.synthetic import generate_synthetic  # noqa: E402
 from agw_light.cli.serve import main as serve_main  # noqa: E402
 from agw_light.data.datasets import verify_images  # noqa: E402
+from agw_light.data.synthetic import generate_synthetic  # noqa: E402
 from agw_light.files import file_sha256  # noqa: E402
 from agw_light.images import IMAGE_FORMATS, IMAGE_SUFFIXES, open_rgb  # noqa: E402
 from agw_light.lit.module import LitReID  # noqa: E402
 from agw_light.search import load_index  # noqa: E402
-from agw_light.service.app import create_app  # noqa: E402
 from agw_light.search.metadata import GalleryMetadata  # noqa: E402
-from agw_light.service.gallery import GallerySearch, Hit  # noqa: E402
+from agw_light.service.app import create_app  # noqa: E402
+from agw_light.service.gallery import GallerySearch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = [{"name": "ce", "type": "cross_entropy", "output": "logits"}]
