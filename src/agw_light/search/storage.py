@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from agw_light.files import file_sha256, fsync_folder
+from agw_light.files import file_sha256, fsync_folder, open_lock_file
 from agw_light.search.metadata import GalleryMetadata
 
 FORMAT = "agw_light.search.index"
@@ -203,7 +203,7 @@ def _flock(path: Path, operation: int, read_only_ok: bool = False) -> Iterator[b
     since saves began to lock.
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        descriptor = open_lock_file(path, os.O_RDONLY)
     except OSError as error:
         if not (read_only_ok and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
             raise
