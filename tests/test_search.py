@@ -708,3 +708,17 @@ def test_a_reader_keeps_its_data_folder_and_saves_take_turns(tmp_path):
         assert assert_one_version(HammingIndex.load(directory)) == 3  # readers are not blocked by it
     waiting.join(timeout=10)
     assert assert_one_version(HammingIndex.load(directory)) == 4
+
+
+def test_faiss_loader_chatter_stays_below_warning():
+    """faiss logs every CPU-specific build it tries at INFO, ending in ModuleNotFoundError lines that read
+    as errors; with logging at INFO (as every command runs), building an index prints none of them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO); "
+        "from agw_light.search import FloatIndex; FloatIndex(8); import faiss; print('loaded', faiss.__name__)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "loaded faiss" and "faiss.loader" not in run.stderr, run.stderr
