@@ -544,3 +544,47 @@ def test_paths_with_spaces_are_read_from_the_right_and_a_non_utf8_list_is_named(
     (tmp_path / "query.txt").write_text("my photos/q 1.jpg 3 1\n")
     with pytest.raises(ValueError, match=r"query.txt, line 1: .* both exist; rename one of them"):
         build_dataset("image_list", tmp_path)
+
+
+def test_byte_identical_images_across_splits_are_warned_about_and_can_be_dropped(tmp_path, caplog):
+    """A gallery copy of a query under another name (no camera ids) is a true match at distance 0 the
+    protocol keeps (R1 = 1.000 silently); a training image listed or copied into the test set is learnt
+    before it is ranked. Setup warns with the counts and the first pairs; drop_duplicates removes them."""
+    import logging
+
+    from agw_light.data.datamodule import ReIDDataModule
+    from agw_light.data.duplicates import find_duplicates
+
+    for shade, name in enumerate(["q", "g1", "g2", "t1", "t2", "t3"]):
+        write_image(tmp_path / "img" / f"{name}.jpg", shade=30 * shade)
+    copy = tmp_path / "img" / "q_copy.jpg"
+    copy.write_bytes((tmp_path / "img" / "q.jpg").read_bytes())  # same bytes, same size, another name
+    (tmp_path / "img" / "t_copy.jpg").write_bytes((tmp_path / "img" / "g2.jpg").read_bytes())
+    lists = {
+        "train": "img/t1.jpg 5\nimg/t2.jpg 5\nimg/t3.jpg 6\nimg/g1.jpg 7\nimg/t_copy.jpg 7\n",
+        "query": "img/q.jpg 1\n",
+        "gallery": "img/q.jpg 1\nimg/q_copy.jpg 1\nimg/g1.jpg 2\nimg/g2.jpg 3\n",
+    }
+    for split, text in lists.items():
+        (tmp_path / f"{split}.txt").write_text(text)
+    dataset = build_dataset("image_list", tmp_path)
+    found = find_duplicates(dataset)
+    img = str(tmp_path / "img")
+    # q.jpg listed in the gallery too is its own camera, same pid: the protocol removes it; the copy stays.
+    assert found.query_gallery == [(f"{img}/q.jpg", f"{img}/q_copy.jpg")]
+    assert found.train_test == [(f"{img}/g1.jpg", f"{img}/g1.jpg"), (f"{img}/t_copy.jpg", f"{img}/g2.jpg")]
+
+    for drop in (False, True):
+        module = ReIDDataModule("image_list", str(tmp_path), num_workers=0, drop_duplicates=drop)
+        with caplog.at_level(logging.WARNING, logger="agw_light.data.datamodule"):
+            caplog.clear()
+            module.setup("fit")
+        warning = caplog.text
+        assert "1 gallery images are byte-identical copies of a query" in warning and f"{img}/q_copy.jpg" in warning
+        assert "2 training images are byte-identical to a query or gallery image (train/test overlap)" in warning
+        gallery = [Path(path).name for path, _, _ in module.dataset.gallery]
+        train = [(Path(path).name, pid) for path, pid, _ in module.dataset.train]
+        if drop:
+            assert gallery == ["q.jpg", "g1.jpg", "g2.jpg"] and train == [("t1.jpg", 0), ("t2.jpg", 0), ("t3.jpg", 1)]
+        else:
+            assert len(gallery) == 4 and len(train) == 5
