@@ -55,7 +55,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -106,14 +108,17 @@ class ResNetTrunk(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, ceil_mode=True) if ceil_pool else nn.MaxPool2d(3, 2, padding=1)
         inplanes = 64
-        for stage, (planes, count, stride) in enumerate(zip((64, 128, 256, 512), depths, (1, 2, 2, last_stride)), 1):
+        stages = zip((64, 128, 256, 512), depths, (1, 2, 2, last_stride), strict=True)
+        for stage, (planes, count, stride) in enumerate(stages, 1):
             blocks = []
             for index in range(count):
                 blocks.append(block(inplanes, planes, stride if index == 0 else 1))
                 inplanes = planes * expansion
             setattr(self, f"layer{stage}", nn.Sequential(*blocks))
             if named_nonlocal:
-                setattr(self, f"NL_{stage}", nn.ModuleList(NonLocal(inplanes) for _ in range(nonlocal_counts[stage - 1])))
+                setattr(
+                    self, f"NL_{stage}", nn.ModuleList(NonLocal(inplanes) for _ in range(nonlocal_counts[stage - 1]))
+                )
         self.out_channels = inplanes
         self.nonlocal_counts = nonlocal_counts
 
@@ -151,7 +156,10 @@ class FastReID(nn.Module):
         persistent_pixels: bool = False,
     ) -> None:
         super().__init__()
-        mean, std = torch.tensor(IMAGENET_MEAN * 255).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD * 255).view(1, 3, 1, 1)
+        mean, std = (
+            torch.tensor(IMAGENET_MEAN * 255).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD * 255).view(1, 3, 1, 1),
+        )
         self.register_buffer("pixel_mean", mean.float(), persistent=persistent_pixels)
         self.register_buffer("pixel_std", std.float(), persistent=persistent_pixels)
         self.backbone = ResNetTrunk(depth, ceil_pool=True, nonlocal_counts=nonlocal_counts)

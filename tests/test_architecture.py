@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "agw_light"
 REPO = PACKAGE_DIR.parents[1]
 # Lowest first: a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    ("helpers", ("agw_light.files", "agw_light.results")),
+    ("helpers", ("agw_light.files", "agw_light.results", "agw_light.images")),
     (
         "library",
         (
@@ -32,7 +32,8 @@ LAYERS = [
         ),
     ),
     # The package's own __init__ (matched exactly, not as a prefix) only exports `agw_light.Encoder`, lazily.
-    ("inference", ("agw_light.inference", "agw_light")),
+    # agw_light.convert reads other frameworks' files into agw_light checkpoints (models + inference.checkpoint).
+    ("inference", ("agw_light.inference", "agw_light", "agw_light.convert")),
     ("lightning", ("agw_light.lit", "agw_light.data.datamodule")),
     ("apps", ("agw_light.evaluation", "agw_light.reporting", "agw_light.builders", "agw_light.service")),
     (
@@ -46,6 +47,7 @@ LAYERS = [
             "agw_light.serve",
             "agw_light.export",
             "agw_light.search.__main__",
+            "agw_light.convert.__main__",
         ),
     ),
 ]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import source_networks as sources
 import torch
 from PIL import Image
 
-import source_networks as sources
 from agw_light.convert import convert_checkpoint
 from agw_light.files import file_sha256
 from agw_light.inference import Encoder
@@ -167,7 +167,9 @@ def test_a_pickled_module_carrying_code_is_refused(tmp_path):
 
 def _fastreid_state(depth="resnet18", nonlocal_counts=(0, 0, 0, 0)) -> dict[str, torch.Tensor]:
     torch.manual_seed(6)
-    return {"model": sources.FastReID(CLASSES, depth=depth, nonlocal_counts=nonlocal_counts, pooling="avg").state_dict()}
+    return {
+        "model": sources.FastReID(CLASSES, depth=depth, nonlocal_counts=nonlocal_counts, pooling="avg").state_dict()
+    }
 
 
 def test_bad_input_is_named_and_nothing_is_written(tmp_path):
@@ -207,13 +209,17 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path):
 def test_other_architectures_are_refused_listing_the_keys(tmp_path):
     state = _fastreid_state()
     ibn = {  # IBN-Net: half of bn1 becomes an InstanceNorm (bn1.IN.*), half a BatchNorm (bn1.BN.*)
-        key.replace(".bn1.", ".bn1.BN.") if ".layer1.0.bn1." in key else key: value for key, value in state["model"].items()
+        key.replace(".bn1.", ".bn1.BN.") if ".layer1.0.bn1." in key else key: value
+        for key, value in state["model"].items()
     }
     ibn["backbone.layer1.0.bn1.IN.weight"] = torch.ones(32)
     src = tmp_path / "ibn.pth"
     torch.save({"model": ibn}, src)
-    with pytest.raises(ValueError, match=r"source keys no agw_light weight takes: .*bn1\.IN\.weight.*does not fill: "
-                       r"backbone\.layer1\.0\.bn1\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"source keys no agw_light weight takes: .*bn1\.IN\.weight.*does not fill: "
+        r"backbone\.layer1\.0\.bn1\.weight",
+    ):
         convert_checkpoint(src, tmp_path / "out.ckpt")
     deep = {f"backbone.layer3.{index}.conv3.weight": torch.zeros(1) for index in range(23)}
     deep.update({f"backbone.layer{stage}.0.conv3.weight": torch.zeros(1) for stage in (1, 2, 4)})
@@ -327,31 +333,48 @@ def test_a_converted_model_drives_pictures_export_search_and_the_service(convert
         torch.testing.assert_close(exported.encode(paths), sources.features(source, paths, SIZE), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_a_converted_model_teaches_the_light_model(converted, compose_config, tmp_path):
-    from conftest import ONE_EPOCH
+    """Row 2's student as the train command builds it: the converted network is its frozen teacher, and the
+    distillation targets are the source's logits and retrieval feature."""
+    from agw_light.builders import build_module
+    from agw_light.lit.teacher import teacher_targets
 
-    from agw_light.cli.train import train
+    source, ckpt = converted
+    student = build_module(compose_config("model.backbone=resnet18", "light=model", f"light.teacher_ckpt={ckpt}"), 8)
+    assert student.hparams.teacher_sha256 == file_sha256(ckpt)
+    batch = torch.randn(2, 3, *SIZE)  # a training batch, normalised with ImageNet's statistics
+    targets = teacher_targets(student.teacher, batch)
+    pixels = (
+        batch * torch.tensor(sources.IMAGENET_STD).view(1, 3, 1, 1)
+        + torch.tensor(sources.IMAGENET_MEAN).view(1, 3, 1, 1)
+    ) * 255
+    with torch.no_grad():
+        expected_features = source(pixels.float())  # the source normalises inside the model
+        pooled = sources.gem(
+            source.backbone((pixels.float() - source.pixel_mean) / source.pixel_std), source.heads.pool_layer.p
+        )
+        expected_logits = source.heads.classifier(source.heads.bnneck(pooled)[..., 0, 0])
+    torch.testing.assert_close(targets["teacher_features"], expected_features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(targets["teacher_logits"], expected_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_training_starts_from_a_converted_model(converted, compose_config):
+    """`model.init_from` as the train command builds the module: strict architecture, every weight, the classifier
+    dropped only when asked."""
+    from agw_light.builders import build_module
 
     _, ckpt = converted
-    row = train(compose_config(*ONE_EPOCH, "light=model", f"light.teacher_ckpt={ckpt}", "visualize.num_queries=0"))
-    student = load_checkpoint(row["checkpoint"])
-    assert row["distilled"] is True and student.hparams["teacher_sha256"] == file_sha256(ckpt)
-
-
-@pytest.mark.slow
-def test_training_starts_from_a_converted_model(converted, compose_config, tmp_path):
-    from conftest import ONE_EPOCH
-
-    from agw_light.cli.train import train
-
-    _, ckpt = converted
-    plain = [*ONE_EPOCH, f"model.init_from={ckpt}", "visualize.num_queries=0", "visualize.embedding_size=0"]
+    base = ["model.backbone=resnet18", f"model.init_from={ckpt}"]
     with pytest.raises(ValueError, match=r"its network is not this run's model config: set .*model\.maxpool=ceil"):
-        train(compose_config(*plain, output_dir=tmp_path / "refused"))
-    matching = [*plain, "model.maxpool=ceil", "model.nonlocal_layers=[0,1,1,0]"]
-    row = train(compose_config(*matching, "dataset.kwargs.num_ids=12", "model.drop_classifier=true"))
-    trained = load_checkpoint(row["checkpoint"])
-    assert trained.hparams["init_from_sha256"] == file_sha256(ckpt) and trained.network.head.num_classes == 6
+        build_module(compose_config(*base), 8)
+    matching = [*base, "model.maxpool=ceil", "model.nonlocal_layers=[0,1,1,0]"]
+    module = build_module(compose_config(*matching), 8)
+    converted_weights = load_checkpoint(ckpt).network.state_dict()
+    for name, value in module.model.state_dict().items():
+        torch.testing.assert_close(value, converted_weights[name], msg=name)
+    assert module.hparams.init_from_sha256 == file_sha256(ckpt)
     with pytest.raises(ValueError, match=r"shapes differ: head\.classifier\.weight .*model\.drop_classifier=true"):
-        train(compose_config(*matching, "dataset.kwargs.num_ids=12", output_dir=tmp_path / "no-drop"))
+        build_module(compose_config(*matching), 6)
+    fine_tuned = build_module(compose_config(*matching, "model.drop_classifier=true"), 6)
+    assert fine_tuned.model.head.classifier.weight.shape == (6, 512)
+    torch.testing.assert_close(fine_tuned.model.backbone.conv1.weight, converted_weights["backbone.conv1.weight"])

@@ -145,8 +145,15 @@ def lines_of(text: str) -> str:
 @pytest.mark.parametrize(
     ("split", "text", "message"),
     [
-        ("train", lines_of("img/ok.jpg\n"), r"train.txt, line 2: 1 fields in 'img/ok.jpg'; expected '<path> <pid>"),
-        ("train", lines_of("a b 1 2\n"), r"train.txt, line 2: 4 fields in 'a b 1 2'; expected"),
+        ("train", lines_of("img/ok.jpg\n"), r"train.txt, line 2: no pid in 'img/ok.jpg'; expected '<path> <pid>"),
+        ("train", lines_of("a b 1 2\n"), r"train.txt, line 2: image '.*/a b' does not exist"),
+        (
+            "query",
+            lines_of("img/ok.jpg \u0661\u0662 0\n"),
+            r"query.txt, line 2: pid '\u0661\u0662' is not a non-negative",
+        ),
+        ("query", lines_of(f"img/ok.jpg 1 {2**63}\n"), rf"query.txt, line 2: camid {2**63} is larger than {2**63 - 1}"),
+        ("gallery", lines_of(f"img/ok.jpg {10**30}\n"), rf"gallery.txt, line 2: pid {10**30} is larger than"),
         ("query", lines_of("img/ok.jpg x1 0\n"), r"query.txt, line 2: pid 'x1' is not a non-negative integer"),
         ("query", lines_of("img/ok.jpg -1 0\n"), r"query.txt, line 2: pid '-1' is not a non-negative integer"),
         ("gallery", lines_of("\n\nimg/ok.jpg 1 c1\n"), r"gallery.txt, line 4: camid 'c1' is not a non-negative"),
@@ -158,6 +165,8 @@ def lines_of(text: str) -> str:
     ],
 )
 def test_bad_list_lines_name_the_file_the_line_and_what_was_expected(tmp_path, split, text, message):
+    """Every value is checked at setup, with its file and line: a pid beyond int64 used to pass and crash a
+    DataLoader worker after a training epoch, Unicode digits passed as pids."""
     lists = {"train": "img/t.jpg 1 0\n", "query": "img/q.jpg 1 0\n", "gallery": "img/g.jpg 1 1\n"}
     write_lists(tmp_path, {**lists, split: text})
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -512,3 +521,70 @@ def test_one_epoch_on_combined_datasets_without_camera_ids_trains_and_evaluates(
     assert row["num_valid_queries"] == 2
     state = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert state["hyper_parameters"]["num_classes"] == 4 + 2
+
+
+def test_paths_with_spaces_are_read_from_the_right_and_a_non_utf8_list_is_named(tmp_path):
+    lists = {
+        "train": "my photos/a b.jpg 3 0\nmy photos/c.jpg 4 1\n",
+        "query": "my photos/q 1.jpg 3 1\n",
+        "gallery": "my photos/g  2.jpg\t3 0\n",
+    }
+    for split, text in lists.items():
+        (tmp_path / f"{split}.txt").write_text(text)
+    for shade, name in enumerate(["a b.jpg", "c.jpg", "q 1.jpg", "g  2.jpg"]):
+        write_image(tmp_path / "my photos" / name, shade=40 * shade)
+    dataset = build_dataset("image_list", tmp_path)
+    assert [(Path(path).name, pid, camid) for path, pid, camid in dataset.train] == [("a b.jpg", 0, 0), ("c.jpg", 1, 1)]
+    assert [Path(path).name for path, _, _ in dataset.query + dataset.gallery] == ["q 1.jpg", "g  2.jpg"]
+    (tmp_path / "query.txt").write_bytes(b"my photos/q 1.jpg 3 1\nmy photos/caf\xe9.jpg 3 1\n")
+    with pytest.raises(ValueError, match=r"query.txt, line 2: byte 0xe9 is not UTF-8 text"):
+        build_dataset("image_list", tmp_path)
+    # "q 1.jpg 3 1" now reads as image "q 1.jpg" (pid 3, camid 1) and as image "q 1.jpg 3" (pid 1)
+    (tmp_path / "my photos" / "q 1.jpg 3").write_bytes((tmp_path / "my photos" / "c.jpg").read_bytes())
+    (tmp_path / "query.txt").write_text("my photos/q 1.jpg 3 1\n")
+    with pytest.raises(ValueError, match=r"query.txt, line 1: .* both exist; rename one of them"):
+        build_dataset("image_list", tmp_path)
+
+
+def test_byte_identical_images_across_splits_are_warned_about_and_can_be_dropped(tmp_path, caplog):
+    """A gallery copy of a query under another name (no camera ids) is a true match at distance 0 the
+    protocol keeps (R1 = 1.000 silently); a training image listed or copied into the test set is learnt
+    before it is ranked. Setup warns with the counts and the first pairs; drop_duplicates removes them."""
+    import logging
+
+    from agw_light.data.datamodule import ReIDDataModule
+    from agw_light.data.duplicates import find_duplicates
+
+    for shade, name in enumerate(["q", "g1", "g2", "t1", "t2", "t3"]):
+        write_image(tmp_path / "img" / f"{name}.jpg", shade=30 * shade)
+    copy = tmp_path / "img" / "q_copy.jpg"
+    copy.write_bytes((tmp_path / "img" / "q.jpg").read_bytes())  # same bytes, same size, another name
+    (tmp_path / "img" / "t_copy.jpg").write_bytes((tmp_path / "img" / "g2.jpg").read_bytes())
+    lists = {
+        "train": "img/t1.jpg 5\nimg/t2.jpg 5\nimg/t3.jpg 6\nimg/g1.jpg 7\nimg/t_copy.jpg 7\n",
+        "query": "img/q.jpg 1\n",
+        "gallery": "img/q.jpg 1\nimg/q_copy.jpg 1\nimg/g1.jpg 2\nimg/g2.jpg 3\n",
+    }
+    for split, text in lists.items():
+        (tmp_path / f"{split}.txt").write_text(text)
+    dataset = build_dataset("image_list", tmp_path)
+    found = find_duplicates(dataset)
+    img = str(tmp_path / "img")
+    # q.jpg listed in the gallery too is its own camera, same pid: the protocol removes it; the copy stays.
+    assert found.query_gallery == [(f"{img}/q.jpg", f"{img}/q_copy.jpg")]
+    assert found.train_test == [(f"{img}/g1.jpg", f"{img}/g1.jpg"), (f"{img}/t_copy.jpg", f"{img}/g2.jpg")]
+
+    for drop in (False, True):
+        module = ReIDDataModule("image_list", str(tmp_path), num_workers=0, drop_duplicates=drop)
+        with caplog.at_level(logging.WARNING, logger="agw_light.data.datamodule"):
+            caplog.clear()
+            module.setup("fit")
+        warning = caplog.text
+        assert "1 gallery images are byte-identical copies of a query" in warning and f"{img}/q_copy.jpg" in warning
+        assert "2 training images are byte-identical to a query or gallery image (train/test overlap)" in warning
+        gallery = [Path(path).name for path, _, _ in module.dataset.gallery]
+        train = [(Path(path).name, pid) for path, pid, _ in module.dataset.train]
+        if drop:
+            assert gallery == ["q.jpg", "g1.jpg", "g2.jpg"] and train == [("t1.jpg", 0), ("t2.jpg", 0), ("t3.jpg", 1)]
+        else:
+            assert len(gallery) == 4 and len(train) == 5

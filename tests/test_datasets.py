@@ -436,7 +436,7 @@ def test_verify_images_lists_every_unreadable_image_at_once(tmp_path):
     assert message.startswith("4 of 6 images cannot be read")
     assert f"{truncated}: OSError: image file is truncated" in message
     assert f"{tmp_path / 'missing.jpg'}: FileNotFoundError" in message
-    assert f"{garbage}: UnidentifiedImageError" in message
+    assert f"{garbage}: not an image of the formats read (JPEG, PNG, BMP, WEBP)" in message
     with pytest.raises(ValueError, match="workers >= 1"):
         verify_images(paths, workers=0)
 

@@ -152,3 +152,36 @@ def test_rerank_settings_and_coarse_to_fine_are_refused_by_name(compose_config, 
     cfg = compose_config(f"ckpt={pyramid}", "eval.rerank=true", *ON_CPU, config_name="evaluate")
     with pytest.raises(ValueError, match="eval.rerank=true: .*pyramid.ckpt has a code pyramid.*eval.rerank=false"):
         evaluate(cfg)
+
+
+def test_export_and_evaluate_never_replace_their_input_or_a_foreign_file(tmp_path):
+    """`export ckpt=X out=X` used to replace the checkpoint with the ONNX file, `evaluate ckpt=X out=X` with
+    JSON: an output that is an input, or an existing file of another kind, is refused before any work."""
+    from hydra import compose, initialize_config_dir
+
+    from agw_light.cli import CONF_DIR
+    from agw_light.cli.evaluate import evaluate
+    from agw_light.cli.export import export
+    from agw_light.files import is_json_object, refuse_foreign_output
+
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 a checkpoint's bytes")
+    (tmp_path / "link.ckpt").symlink_to(ckpt)
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"R1": 0.5}')
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for command, config, own in ((export, "export", "an ONNX model"), (evaluate, "evaluate", "a metrics JSON")):
+            for out in (ckpt, tmp_path / "link.ckpt"):
+                with pytest.raises(ValueError, match=rf"out={out} is the input {ckpt}"):
+                    command(compose(config_name=config, overrides=[f"ckpt={ckpt}", f"out={out}"]))
+            with pytest.raises(ValueError, match=rf"out={notes} exists and is not {own}"):
+                command(compose(config_name=config, overrides=[f"ckpt={ckpt}", f"out={notes}"]))
+        with pytest.raises(ValueError, match=rf"out={metrics} exists and is not an ONNX model"):
+            export(compose(config_name="export", overrides=[f"ckpt={ckpt}", f"out={metrics}"]))
+    assert ckpt.read_bytes() == b"PK\x03\x04 a checkpoint's bytes" and notes.read_text() == "my notes"
+    assert metrics.read_text() == '{"R1": 0.5}'
+    # An earlier output of the command's own kind may be replaced.
+    assert refuse_foreign_output(metrics, [ckpt], "a metrics JSON file", is_json_object) == metrics
+    assert refuse_foreign_output(tmp_path / "new.json", [ckpt], "a metrics JSON file", is_json_object)

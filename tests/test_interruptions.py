@@ -236,3 +236,30 @@ def test_a_lock_names_its_holder(tmp_path):
 def test_extra_callbacks_must_be_callbacks(compose_config, tmp_path):
     with pytest.raises(TypeError, match="callbacks: collections.OrderedDict made a OrderedDict, not a Callback"):
         train(compose_config("callbacks=[{_target_: collections.OrderedDict}]"))
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    """A link planted as a run folder's `.train.lock` or an index folder's lock would make the lock holder
+    truncate and overwrite the file it points to: locks are opened without following links."""
+    import numpy as np
+
+    from agw_light.search import HammingIndex
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(OSError, match=rf"lock file {run_dir / LOCK_NAME} is a symbolic link"):
+        with hold_folder_lock(run_dir, LOCK_NAME):
+            pass
+    index = HammingIndex(8)
+    index.add(np.zeros((2, 1), dtype=np.uint8))
+    index_dir = index.save(tmp_path / "index")
+    for lock in (".save.lock", ".read.lock"):
+        (index_dir / lock).unlink()
+        (index_dir / lock).symlink_to(victim)
+        with pytest.raises(OSError, match=rf"lock file {index_dir / lock} is a symbolic link"):
+            index.save(index_dir) if lock == ".save.lock" else HammingIndex.load(index_dir)
+        (index_dir / lock).unlink()
+    assert victim.read_text() == "keep me"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from agw_light.files import file_sha256
 from agw_light.metrics import RankAccumulator, evaluate_rank
 from agw_light.search import (
     CoarseToFineIndex,
@@ -523,7 +526,7 @@ def test_corrupted_truncated_missing_and_foreign_files_are_named(tmp_path):
     manifest_path.write_text(json.dumps({key: value for key, value in manifest.items() if key != "levels"}))
     assert load_index(directory).levels == (8, 16, 64)  # informative key: not needed to load
     manifest_path.write_text(json.dumps({**manifest, "files": {"codes_64": {}}}))
-    with pytest.raises(ValueError, match=r"manifest.json: malformed manifest \(KeyError: 'file'\)"):
+    with pytest.raises(ValueError, match=r"manifest.json: files.codes_64.file is None; expected a str"):
         load_index(directory)
 
     manifest_path.write_text(json.dumps(manifest)[:-20])
@@ -532,6 +535,55 @@ def test_corrupted_truncated_missing_and_foreign_files_are_named(tmp_path):
 
     manifest_path.unlink()
     with pytest.raises(FileNotFoundError, match=r"manifest.json: not found"):
+        load_index(directory)
+
+
+def test_a_crafted_manifest_reads_nothing_outside_its_folder_and_allocates_nothing(tmp_path):
+    """Every file a manifest names is confined to the index folder; a malformed manifest or an .npy header
+    declaring 10^12 rows is a ValueError naming the file, never another exception or a huge allocation."""
+    _, indexes = built_indexes(np.random.default_rng(14))
+    directory = tmp_path / "index"
+    indexes["hamming"].save(directory)
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    outside = tmp_path / "outside"
+    shutil.copytree(directory / manifest["data_dir"], outside)  # a valid data folder, but not the index's own
+    (directory / "data-link").symlink_to(outside)
+    entry = manifest["files"]["codes"]
+    crafted = {
+        "data_dir '../outside'": {**manifest, "data_dir": "../outside"},
+        f"data_dir {str(outside)!r}": {**manifest, "data_dir": str(outside)},
+        "data_dir 'data-link'": {**manifest, "data_dir": "data-link"},
+        "files.codes.file '../../outside/codes.npy'": {
+            **manifest,
+            "files": {**manifest["files"], "codes": {**entry, "file": "../../outside/codes.npy"}},
+        },
+    }
+    for what, payload in crafted.items():
+        manifest_path.write_text(json.dumps(payload))
+        with pytest.raises(ValueError, match=rf"{re.escape(what)} is not a file name inside"):
+            load_index(directory)
+    malformed = {
+        "'files' must map each array name": {**manifest, "files": list(manifest["files"])},
+        r"files.codes: negative size or shape \[-5, 8\]": {
+            **manifest,
+            "files": {**manifest["files"], "codes": {**entry, "shape": [-5, 8]}},
+        },
+    }
+    for message, payload in malformed.items():
+        manifest_path.write_text(json.dumps(payload))
+        with pytest.raises(ValueError, match=message):
+            load_index(directory)
+    manifest_path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_index(directory)
+
+    codes = directory / manifest["data_dir"] / entry["file"]
+    with open(codes, "wb") as handle:  # a header alone, declaring 8 TB of codes; the manifest agrees with it
+        np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": (10**12, 8)})
+    declared = {**entry, "bytes": codes.stat().st_size, "sha256": file_sha256(codes), "shape": [10**12, 8]}
+    manifest_path.write_text(json.dumps({**manifest, "files": {**manifest["files"], "codes": declared}}))
+    with pytest.raises(ValueError, match=rf"{codes}: its header declares \|u1 \[1000000000000, 8\] \(8000000000"):
         load_index(directory)
 
 
@@ -656,3 +708,17 @@ def test_a_reader_keeps_its_data_folder_and_saves_take_turns(tmp_path):
         assert assert_one_version(HammingIndex.load(directory)) == 3  # readers are not blocked by it
     waiting.join(timeout=10)
     assert assert_one_version(HammingIndex.load(directory)) == 4
+
+
+def test_faiss_loader_chatter_stays_below_warning():
+    """faiss logs every CPU-specific build it tries at INFO, ending in ModuleNotFoundError lines that read
+    as errors; with logging at INFO (as every command runs), building an index prints none of them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO); "
+        "from agw_light.search import FloatIndex; FloatIndex(8); import faiss; print('loaded', faiss.__name__)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "loaded faiss" and "faiss.loader" not in run.stderr, run.stderr

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +23,15 @@ pytest.importorskip("fastapi", reason="the service needs the deploy extra: pip i
 from fastapi.testclient import TestClient  # noqa: E402
 
 from agw_light.cli.search import main as search_main  # noqa: E402
+from agw_light.cli.serve import main as serve_main  # noqa: E402
+from agw_light.data.datasets import verify_images  # noqa: E402
 from agw_light.data.synthetic import generate_synthetic  # noqa: E402
 from agw_light.files import file_sha256  # noqa: E402
+from agw_light.images import IMAGE_FORMATS, IMAGE_SUFFIXES, open_rgb  # noqa: E402
 from agw_light.inference.checkpoint import load_checkpoint  # noqa: E402
 from agw_light.lit.module import LitReID  # noqa: E402
 from agw_light.search import load_index  # noqa: E402
+from agw_light.search.metadata import GalleryMetadata  # noqa: E402
 from agw_light.service.app import create_app  # noqa: E402
 from agw_light.service.gallery import GallerySearch  # noqa: E402
 
@@ -323,3 +330,123 @@ def test_a_hamming_index_answers_with_integer_distances(built, tmp_path):
     order = np.argsort(distances, kind="stable")[:4]
     assert [hit["position"] for hit in results] == order.tolist()
     assert [hit["distance"] for hit in results] == distances[order].tolist()
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height one-bit pixels, with a few bytes of data: what a
+    decompression bomb looks like to a reader that trusts the header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def test_only_the_allowed_formats_are_decoded_by_uploads_the_encoder_and_the_datasets(client, tmp_path):
+    """One allow-list (agw_light.images.IMAGE_FORMATS): a TIFF, GIF or ICO is refused by the upload, by the
+    opener the Encoder and the ranked-list pictures use, and by the datasets' image check; the allowed
+    formats pass all three."""
+    picture = Image.new("RGB", (16, 32), (200, 90, 10))
+    assert set(IMAGE_FORMATS) == {"JPEG", "PNG", "BMP", "WEBP"} and ".tif" not in IMAGE_SUFFIXES
+    for name in ("TIFF", "GIF", "ICO", *IMAGE_FORMATS):
+        buffer = io.BytesIO()
+        picture.save(buffer, format=name)
+        path = tmp_path / f"picture.{name.lower()}"
+        path.write_bytes(buffer.getvalue())
+        response = post_image(client, buffer.getvalue(), name=path.name)
+        if name in IMAGE_FORMATS:
+            assert response.status_code == 200, (name, response.text)
+            assert open_rgb(path).size == (16, 32)
+            verify_images([str(path)])
+            continue
+        assert response.status_code == 415 and "expected JPEG, PNG, BMP, WEBP" in response.json()["detail"], name
+        with pytest.raises(OSError, match=rf"{path}.*not an image of the formats read \(JPEG, PNG, BMP, WEBP\)"):
+            open_rgb(path)
+        with pytest.raises(
+            OSError, match=rf"1 of 1 images cannot be read .*\n  {path}: not an image of the formats read"
+        ):
+            verify_images([str(path)])
+
+
+def test_a_declared_pixel_bomb_is_refused_as_upload_and_as_thumbnail(built, client, gallery, tmp_path):
+    """Refused on the header, never decoded: an upload with 413 naming the limit, a gallery item's
+    thumbnail with 404 (it was a 500), whatever the declared size (over Pillow's own bomb limit too)."""
+    for width, height in ((2000, 1000), (20_000, 20_000)):
+        response = post_image(client, declared_png(width, height))
+        assert response.status_code == 413, response.text
+        assert "limit of 1000000 pixels (max_image_pixels)" in response.json()["detail"]
+    metadata = gallery.index.metadata
+    paths = list(metadata.paths)
+    for position, size in ((0, (2000, 1000)), (1, (20_000, 20_000))):
+        paths[position] = str(tmp_path / f"bomb{position}.png")
+        Path(paths[position]).write_bytes(declared_png(*size))
+    index = load_index(built[2])
+    index.metadata = GalleryMetadata(paths, metadata.pids, metadata.camids)
+    bombed = GallerySearch(index, gallery.encoder, index_dir=gallery.index_dir)
+    with TestClient(create_app(bombed)) as bombed_client:
+        for position in (0, 1):
+            response = bombed_client.get(f"/gallery/{position}/thumbnail")
+            assert response.status_code == 404 and "cannot be shown (ImageTooLarge)" in response.json()["detail"]
+        assert bombed_client.get("/gallery/2/thumbnail").status_code == 200
+
+
+def test_faiss_padding_is_no_hit(gallery):
+    """A result shorter than k comes back from faiss padded with position -1: the service returns no hit
+    for it (it used to name the last gallery item)."""
+
+    class PaddedIndex:
+        metadata = gallery.index.metadata
+
+        def search(self, features, k):
+            return np.array([[0.1, 0.2, np.inf, np.inf]]), np.array([[3, 0, -1, -1]])
+
+    padded = GallerySearch(PaddedIndex(), gallery.encoder, index_dir=gallery.index_dir)
+    hits = padded.search(Image.new("RGB", (16, 32)), 4)
+    metadata = gallery.index.metadata
+    assert [(hit.rank, hit.position, hit.distance) for hit in hits] == [(1, 3, 0.1), (2, 0, 0.2)]
+    assert hits[0].name == Path(metadata.paths[3]).name and hits[1].name == Path(metadata.paths[0]).name
+
+
+def serve_error(index_dir: Path, tmp_path: Path, monkeypatch) -> str:
+    """What `python -m agw_light.serve index=<index_dir>` exits with (run in this process)."""
+    argv = ["serve", f"index={index_dir}", "backend=torch", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        serve_main()
+    return str(exited.value.code)
+
+
+def test_a_malformed_manifest_or_image_size_ends_serve_with_its_one_line_reason(built, tmp_path, monkeypatch):
+    index_dir, ckpt = copied_index(built, tmp_path)
+    manifest_path = index_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    cases = {
+        "'files' must map each array name": {**manifest, "files": list(manifest["files"])},
+        r"image_size \[-32, 16\] is not \[height, width\]": {
+            **manifest,
+            "record": {**manifest["record"], "image_size": [-32, 16]},
+        },
+    }
+    for message, payload in cases.items():
+        manifest_path.write_text(json.dumps(payload))
+        error = serve_error(index_dir, tmp_path, monkeypatch)
+        assert error.startswith("serve: ") and re.search(message, error), error
+    manifest_path.write_text("[" * 100_000)
+    assert "nested too deeply" in serve_error(index_dir, tmp_path, monkeypatch)
+
+
+def test_an_index_built_at_another_image_size_is_served_at_its_size_with_a_warning(built, tmp_path, caplog):
+    """`search build height= width=` embeds the gallery at another size than the checkpoint's: queries follow the
+    index (as its gallery was embedded), and the mismatch is said at start."""
+    index_dir, _ = copied_index(built, tmp_path)
+    manifest_path = index_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["record"]["image_size"] = [64, 32]
+    manifest_path.write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="agw_light.service.gallery"):
+        search = GallerySearch.open(index_dir, device="cpu", backend="torch")
+    assert search.encoder.image_size == (64, 32)
+    assert re.search(r"records image size \[64, 32\] .* was trained at \[32, 16\]", caplog.text)

@@ -240,3 +240,41 @@ def _scalar_series(log_dir, tag: str) -> list[float]:
 
 def _scalar_tags(log_dir) -> set[str]:
     return set(_event_accumulator(log_dir).Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_the_cpu_small_preset_composes_over_a_gpu_sized_config_and_trains(compose_config, tmp_path):
+    """`+preset=cpu_small` replaces what a dataset config and the row leave sized for a GPU and ImageNet (a
+    ResNet-50 from ImageNet weights, 256x128, 16 x 4 batches) and trains offline on the CPU; here one tiny
+    epoch of the generated set."""
+    from hydra import compose, initialize_config_dir
+
+    from agw_light.cli import CONF_DIR
+    from agw_light.cli.train import train
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        market = ["dataset=market1501", "dataset.root=/data", "output_dir=/nowhere"]
+        gpu_sized, small = compose("config", market), compose("config", [*market, "+preset=cpu_small"])
+    assert (gpu_sized.model.backbone, gpu_sized.model.pretrained, gpu_sized.dataset.height) == (
+        "resnet50",
+        "imagenet",
+        256,
+    )
+    assert (small.model.backbone, small.model.pretrained, small.trainer.accelerator) == ("resnet18", "none", "cpu")
+    assert (small.dataset.height, small.dataset.width, small.loader.batch_size) == (128, 64, 32)
+    cfg = compose_config(
+        "+preset=cpu_small",
+        "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        "+trainer.enable_progress_bar=false",
+        "visualize.num_queries=0",
+        "visualize.embedding_size=0",
+        "eval.timing_batch_size=8",
+        "dataset.kwargs.num_ids=8",
+        "loader.batch_size=8",
+        "loader.num_instances=2",
+    )
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.optim.lr) == ("resnet18", "none", 1.0e-3)
+    row = train(cfg)
+    assert math.isfinite(row["mAP"]) and row["feature_dim"] == 512
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -195,6 +195,7 @@ def build_datamodule(cfg: DictConfig, *, holdout_images: int = 0) -> ReIDDataMod
         seed=cfg.seed,
         dataset_kwargs=_parser_kwargs(first),
         check_images=cfg.dataset.check_images,
+        drop_duplicates=cfg.dataset.get("drop_duplicates", False),
         pin_memory=runs_on_cuda(cfg),
         holdout_images=holdout_images,
         register=list(dict.fromkeys(register)),

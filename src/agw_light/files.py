@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -91,7 +91,7 @@ def hold_folder_lock(folder: str | Path, name: str = ".lock") -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / name
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = open_lock_file(lock_path, os.O_RDWR)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -104,6 +104,52 @@ def hold_folder_lock(folder: str | Path, name: str = ".lock") -> Iterator[Path]:
         yield lock_path
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def open_lock_file(path: Path, flags: int) -> int:
+    """A descriptor of lock file `path` (created if missing), never through a symbolic link: a link planted in
+    its place would make the lock holder truncate and overwrite whatever file it points to."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise OSError(
+            error.errno, f"lock file {path} is a symbolic link; refusing to follow it (remove the link)"
+        ) from None
+
+
+def refuse_foreign_output(
+    out: str | Path, inputs: Sequence[str | Path], kind: str, is_own: Callable[[Path], bool]
+) -> Path:
+    """`out` as a Path, once it is known that writing it loses nothing: it is none of the command's `inputs`
+    (the same file by any path or link) and, if it exists, it is a file of the command's own `kind`
+    (`is_own`), an earlier output that the user asked to replace.
+
+    Raises:
+        ValueError: `out` is an input, or an existing file or folder that is not of `kind`.
+    """
+    out = Path(out).expanduser()
+    if not out.exists():
+        return out
+    for source in inputs:
+        if Path(source).expanduser().exists() and os.path.samefile(out, Path(source).expanduser()):
+            raise ValueError(
+                f"out={out} is the input {source}: writing it would replace the input; choose another out="
+            )
+    if not out.is_file() or not is_own(out):
+        raise ValueError(
+            f"out={out} exists and is not {kind}; refusing to replace it (choose another out=, or move the file)"
+        )
+    return out
+
+
+def is_json_object(path: Path) -> bool:
+    """Whether `path` holds one JSON object (a metrics file), read as UTF-8."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

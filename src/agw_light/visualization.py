@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from agw_light.images import open_rgb
 from agw_light.metrics.distance import pairwise_distance
 
 if TYPE_CHECKING:
@@ -94,18 +95,6 @@ def pick_positions(available: int, count: int, *, seed: int | None = None) -> to
         return torch.arange(count) * available // count
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(available, generator=generator)[:count].sort().values
-
-
-def open_rgb(source: ImageSource) -> Image.Image:
-    from PIL import Image
-
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except (OSError, AttributeError, TypeError) as error:  # missing, truncated, not an image, not a path
-        raise OSError(f"cannot read image file {str(source)!r}: {error}") from error
 
 
 def format_distance(distance: float | int) -> str:

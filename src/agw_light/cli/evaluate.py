@@ -24,8 +24,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from agw_light.builders import build_datamodule, evaluation_options, target_datamodules
     from agw_light.evaluation import evaluate_checkpoint, evaluate_targets
+    from agw_light.files import is_json_object, refuse_foreign_output
     from agw_light.inference.checkpoint import load_checkpoint
 
+    if cfg.out is not None:
+        refuse_foreign_output(cfg.out, [cfg.ckpt], "a metrics JSON file", is_json_object)
     datamodule = build_datamodule(cfg)
     targets = target_datamodules(cfg)  # before any evaluation: a bad target name fails at once
     datamodule.prepare_data()

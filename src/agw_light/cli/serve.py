@@ -18,23 +18,38 @@ def main(cfg: DictConfig) -> None:
     # Imported here, not at the top, so that `--help` and `--cfg job` answer without loading torch.
     import uvicorn
 
-    from agw_light.service.app import create_app
+    from agw_light.service.app import create_app, default_allowed_hosts, header_deadline_protocol
     from agw_light.service.gallery import GallerySearch
 
     try:
         gallery = GallerySearch.open(
             cfg.index, device=cfg.device, backend=cfg.backend, concurrent_queries=cfg.concurrent_queries
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # missing, changed, malformed: the one-line reason, no traceback
         raise SystemExit(f"serve: {error}") from error
-    app = create_app(gallery, max_upload_bytes=cfg.max_upload_bytes, max_k=cfg.max_k, thumb_size=tuple(cfg.thumb_size))
+    allowed_hosts = default_allowed_hosts(cfg.host) if cfg.allowed_hosts is None else list(cfg.allowed_hosts)
+    app = create_app(
+        gallery,
+        max_upload_bytes=cfg.max_upload_bytes,
+        max_image_pixels=cfg.max_image_pixels,
+        max_k=cfg.max_k,
+        thumb_size=tuple(cfg.thumb_size),
+        allowed_hosts=allowed_hosts,
+        body_timeout_s=cfg.body_timeout_s,
+    )
     described = gallery.describe()
     print(
         f"serving {described['size']} gallery images ({described['index_kind']} index) from {cfg.index} "
-        f"at http://{cfg.host}:{cfg.port}/",
+        f"at http://{cfg.host}:{cfg.port}/ (answering Host {', '.join(allowed_hosts)})",
         flush=True,
     )
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    uvicorn.run(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
+        http=header_deadline_protocol(cfg.header_timeout_s),
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ from agw_light.data.datasets import (
     import_dataset_modules,
     verify_images,
 )
+from agw_light.data.duplicates import drop_duplicates, find_duplicates
 from agw_light.data.samplers import PKSampler
 from agw_light.data.transforms import Preprocessing, build_train_transform
+from agw_light.images import open_rgb
 
 SYNTHETIC = "synthetic"
 log = logging.getLogger(__name__)
@@ -63,14 +65,11 @@ class ReIDImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image
-
         path, pid, camid = self.samples[index]
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except OSError as error:  # missing, truncated or not an image (PIL.UnidentifiedImageError)
-            raise OSError(f"cannot read image file {path!r} (sample {index}): {error}") from error
+            rgb = open_rgb(path)
+        except OSError as error:  # missing, truncated or not an image of the allowed formats
+            raise OSError(f"sample {index}: {error}") from error
         return {
             "image": self.transform(rgb),
             "pid": pid,
@@ -90,6 +89,8 @@ class ReIDDataModule(pl.LightningDataModule):
     is the input size of the training and test transforms; the query/gallery and validation-split loaders
     take a checkpoint's `preprocessing` instead (its size, normalisation and resampling). `check_images` decodes
     every image at setup with `max(1, num_workers)` threads and lists all unreadable ones in one error.
+    Byte-identical images shared by query and gallery, or by training and test, are warned about at setup
+    (`agw_light.data.duplicates`) and, with `drop_duplicates`, removed from the gallery and from training.
     `num_workers` is capped at the cores available: more workers than cores only compete with the training
     step (and PyTorch warns). `pin_memory` is for a CUDA run (faster host-to-GPU copies); workers persist
     across epochs whenever there are any. `holdout_images` > 0 removes about that many training images, whole
@@ -110,6 +111,7 @@ class ReIDDataModule(pl.LightningDataModule):
         seed: int = 0,
         dataset_kwargs: dict | None = None,
         check_images: bool = True,
+        drop_duplicates: bool = False,
         pin_memory: bool = False,
         holdout_images: int = 0,
         register: Sequence[str] = (),
@@ -131,6 +133,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.seed = seed
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.check_images = check_images
+        self.drop_duplicates = drop_duplicates
         if holdout_images < 0:
             raise ValueError(f"holdout_images={holdout_images}: expected 0 (none) or a positive image count")
         self.holdout_images = holdout_images
@@ -186,6 +189,12 @@ class ReIDDataModule(pl.LightningDataModule):
             if self._is_global_zero():
                 seconds = time.perf_counter() - start
                 log.info("checked %d images in %.1f s (%d threads)", len(paths), seconds, workers)
+        duplicates = find_duplicates(dataset, workers=max(1, self.num_workers))
+        if duplicates and self._is_global_zero():
+            action = "dropped" if self.drop_duplicates else "kept; dataset.drop_duplicates=true drops them"
+            log.warning("dataset %s: %s\n(%s)", self.name, duplicates.describe(), action)
+        if duplicates and self.drop_duplicates:
+            dataset = drop_duplicates(dataset, duplicates)
         if self.holdout_images:
             dataset = self._hold_out(dataset)
         self._dataset = dataset

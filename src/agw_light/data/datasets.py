@@ -28,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agw_light.data.layouts import LayoutSample, read_image_lists, scan_identity_folders
+from agw_light.data.layouts import MAX_ID, LayoutSample, read_image_lists, scan_identity_folders
+from agw_light.images import FORMATS_TEXT, IMAGE_FORMATS
 
 Sample = tuple[str, int, int]
 
@@ -39,9 +40,9 @@ DUKE_FOLDER = "DukeMTMC-reID"
 # Market-1501 and DukeMTMC-reID share the split folder names.
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
-MARKET_NAME = re.compile(r"(-1|\d+)_c(\d+)s\d+_\d+_\d+\.jpg")
+MARKET_NAME = re.compile(r"(-1|\d+)_c(\d+)s\d+_\d+_\d+\.jpg", re.ASCII)
 MARKET_NAME_TEXT = "'<pid>_c<camera>s<sequence>_<frame>_<box>.jpg' (e.g. '0002_c1s1_000451_03.jpg')"
-DUKE_NAME = re.compile(r"(\d+)_c(\d+)_f\d+\.jpg")
+DUKE_NAME = re.compile(r"(\d+)_c(\d+)_f\d+\.jpg", re.ASCII)
 DUKE_NAME_TEXT = "'<pid>_c<camera>_f<frame>.jpg' (e.g. '0001_c2_f0046182.jpg')"
 # Market-1501 layout pids (DukeMTMC-reID has neither): junk detections and distractor people.
 JUNK_PID = -1
@@ -56,7 +57,7 @@ MSMT_LISTS = {
     "gallery": ("list_gallery.txt",),
 }
 # One list line: '<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>'; groups: path, file-name pid, camera, label.
-MSMT_LINE = re.compile(r"((?:\S*/)?(\d+)_\d+_(\d+)_[^\s/]*\.jpg)\s+(\d+)\s*")
+MSMT_LINE = re.compile(r"((?:\S*/)?(\d+)_\d+_(\d+)_[^\s/]*\.jpg)\s+(\d+)\s*", re.ASCII)
 MSMT_LINE_TEXT = "'<folder>/<pid>_<index>_<camera>_<rest>.jpg <pid>' (e.g. '0000/0000_000_01_0303morning_0015_0.jpg 0')"
 MSMT_NUM_CAMS = 15
 # Images per task of verify_images' thread pool.
@@ -176,8 +177,8 @@ def _checked_sample(dataset: str, split: str, position: int, sample: object) -> 
         camid = None if camid is None else operator.index(camid)
     except TypeError:
         raise ValueError(expected) from None
-    if camid is not None and camid < 0:
-        raise ValueError(expected)
+    if (camid is not None and camid < 0) or not -MAX_ID <= pid <= MAX_ID or (camid or 0) > MAX_ID:
+        raise ValueError(f"{expected}, within a 64-bit integer")
     return os.fspath(path), pid, camid
 
 
@@ -202,9 +203,11 @@ def _image_problem(path: str) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=list(IMAGE_FORMATS)) as image:
             image.draft(None, (1, 1))
             image.load()
+    except Image.UnidentifiedImageError:
+        return f"not an image of the formats read ({FORMATS_TEXT})"
     except Exception as error:  # any failure means the loaders would fail on this file later
         return f"{type(error).__name__}: {error}"
     return None

@@ -6,8 +6,9 @@ line or file is an error naming the file (and line) and what was expected, found
 
 List files (`read_image_lists`), one per split, each line ``<path> <pid> [<camid>]``:
 
-* fields are separated by whitespace, so a path cannot hold spaces; the path is relative to the root (or
-  absolute), pid and camid are non-negative integers;
+* pid and the optional camid are the last whitespace-separated fields and the path is the rest of the line,
+  so a path may hold spaces; the path is relative to the root (or absolute), pid and camid are non-negative
+  integers in ASCII digits below 2^63; a list that is not UTF-8 is an error naming its line;
 * a line whose first non-blank character is ``#`` is a comment, blank lines are skipped (a ``#`` later in
   a line is part of it: file names may hold one);
 * either every line of every list has a camid or none has;
@@ -26,13 +27,15 @@ import os
 import re
 from pathlib import Path
 
+from agw_light.images import IMAGE_SUFFIXES
+
 # (path, pid, camid or None: no camera id known).
 LayoutSample = tuple[str, int, int | None]
 
 SPLITS = ("train", "query", "gallery")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-LIST_LINE_TEXT = "'<path> <pid> [<camid>]': a path without spaces, then non-negative integers"
-NON_NEGATIVE_INTEGER = re.compile(r"\d+")
+LIST_LINE_TEXT = "'<path> <pid> [<camid>]': a path (spaces allowed), then non-negative integers"
+NON_NEGATIVE_INTEGER = re.compile(r"[0-9]+")  # ASCII digits: `\d` would take any script's digits
+MAX_ID = 2**63 - 1
 
 
 def _dataset_root(root: str | Path, layout: str, expected: str) -> str:
@@ -42,30 +45,64 @@ def _dataset_root(root: str | Path, layout: str, expected: str) -> str:
     return path
 
 
+def checked_id(value: str, name: str, where: str, expected: str = LIST_LINE_TEXT) -> int:
+    """`value` as an id: ASCII digits only (not `١٢`) and within a 64-bit integer, where tensors hold ids."""
+    if not NON_NEGATIVE_INTEGER.fullmatch(value):
+        raise ValueError(f"{where}: {name} {value!r} is not a non-negative integer; expected {expected}")
+    number = int(value)
+    if number > MAX_ID:
+        raise ValueError(f"{where}: {name} {value} is larger than {MAX_ID}, the largest id a 64-bit integer holds")
+    return number
+
+
+def _decoded_lines(list_path: str) -> list[str]:
+    """The list file's lines, or a ValueError naming the file and the line that is not UTF-8."""
+    with open(list_path, "rb") as handle:
+        data = handle.read()
+    try:
+        return data.decode("utf-8-sig").splitlines()  # a BOM (some editors write one) is not part of the path
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{list_path}, line {line}: byte {data[error.start]:#04x} is not UTF-8 text; save the list as UTF-8"
+        ) from None
+
+
+def _parse_line(text: str, root: str, where: str) -> LayoutSample:
+    """One data line, read from the right: pid and optional camid are the last fields, the path (which may
+    hold spaces) is the rest. When both readings name an existing file the line is ambiguous: an error."""
+    fields = text.rsplit(maxsplit=2)
+    if len(fields) < 2:
+        raise ValueError(f"{where}: no pid in {text!r}; expected {LIST_LINE_TEXT}")
+    readings = [(fields[0], fields[1], fields[2])] if len(fields) == 3 else []
+    path, pid = text.rsplit(maxsplit=1)
+    readings.append((path, pid, None))
+    existing = [reading for reading in readings if os.path.isfile(os.path.join(root, reading[0]))]
+    if len(existing) > 1:
+        raise ValueError(
+            f"{where}: {text!r} reads as image {existing[0][0]!r} with a camid and as image {existing[1][0]!r} "
+            "without one, and both exist; rename one of them"
+        )
+    path, pid, camid = existing[0] if existing else readings[0]
+    sample = (
+        os.path.normpath(os.path.join(root, path)),
+        checked_id(pid, "pid", where),
+        None if camid is None else checked_id(camid, "camid", where),
+    )
+    if not existing:
+        raise FileNotFoundError(
+            f"{where}: image {sample[0]!r} does not exist (paths are relative to the root {root!r})"
+        )
+    return sample
+
+
 def _read_list(list_path: str, root: str) -> list[tuple[int, LayoutSample]]:
     """(line number, sample) of every data line of one list file."""
     rows = []
-    with open(list_path, encoding="utf-8-sig") as lines:  # a BOM (some editors write one) is not part of the path
-        for line_number, line in enumerate(lines, start=1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            where = f"{list_path}, line {line_number}"
-            fields = text.split()
-            if len(fields) not in (2, 3):
-                raise ValueError(f"{where}: {len(fields)} fields in {text!r}; expected {LIST_LINE_TEXT}")
-            path, pid, *camid = fields
-            for name, value in (("pid", pid), *(("camid", value) for value in camid)):
-                if not NON_NEGATIVE_INTEGER.fullmatch(value):
-                    raise ValueError(
-                        f"{where}: {name} {value!r} is not a non-negative integer; expected {LIST_LINE_TEXT}"
-                    )
-            image = os.path.normpath(os.path.join(root, path))
-            if not os.path.isfile(image):
-                raise FileNotFoundError(
-                    f"{where}: image {image!r} does not exist (paths are relative to the root {root!r})"
-                )
-            rows.append((line_number, (image, int(pid), int(camid[0]) if camid else None)))
+    for line_number, line in enumerate(_decoded_lines(list_path), start=1):
+        text = line.strip()
+        if text and not text.startswith("#"):
+            rows.append((line_number, _parse_line(text, root, f"{list_path}, line {line_number}")))
     return rows
 
 
@@ -129,7 +166,7 @@ def _camera(regex: re.Pattern[str], image: str) -> int:
             f"image {image!r}: camera_pattern {regex.pattern!r} finds {found} in the file name; expected its group "
             "to match the camera number (a non-negative integer)"
         )
-    return int(match[1])
+    return checked_id(match[1], "camera", f"image {image!r}", "a non-negative integer")
 
 
 def scan_identity_folders(
@@ -165,9 +202,10 @@ def scan_identity_folders(
                 )
             for name in sorted(os.listdir(entry.path)):
                 image = os.path.join(entry.path, name)
-                if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(image):
+                if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES) or not os.path.isfile(image):
                     continue
-                samples.append((image, int(entry.name), None if regex is None else _camera(regex, image)))
+                pid = checked_id(entry.name, "pid", f"identity folder {entry.path!r}", "a folder named by its pid")
+                samples.append((image, pid, None if regex is None else _camera(regex, image)))
         if not samples:
             raise ValueError(f"image_folders {split} folder {split_dir!r} holds no image; expected {expected}")
         splits[split] = samples

@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from agw_light.data.transforms import Preprocessing
-from agw_light.visualization import open_rgb
+from agw_light.images import IMAGE_SUFFIXES, open_rgb
 
 if TYPE_CHECKING:
     from agw_light.inference.checkpoint import LoadedCheckpoint
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 BACKENDS = ("auto", "torch", "onnxruntime")
 # encode() shows a progress bar from this many images on (a single request stays quiet).
 PROGRESS_MIN_IMAGES = 512

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import itertools
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,7 +150,7 @@ class FloatIndex(SearchIndex):
 
     def __init__(self, d: int) -> None:
         """`d`: feature dimension."""
-        import faiss
+        faiss = import_faiss()
 
         super().__init__()
         self.d = _positive_int(d, "d")
@@ -528,8 +529,17 @@ def pruning_plan(ntotal: int, candidates: Sequence[int], k: int) -> list[tuple[i
     return plan
 
 
-def _binary_flat(bits: int) -> Any:
+def import_faiss() -> Any:
+    """faiss, imported with its loader's logger at WARNING: it reports each CPU-specific build it tries at
+    INFO, ending in a ModuleNotFoundError line that reads as an error though the fallback build loads."""
+    logging.getLogger("faiss").setLevel(max(logging.getLogger("faiss").getEffectiveLevel(), logging.WARNING))
     import faiss
+
+    return faiss
+
+
+def _binary_flat(bits: int) -> Any:
+    faiss = import_faiss()
 
     return faiss.IndexBinaryFlat(8 * code_bytes(bits))
 
@@ -548,7 +558,7 @@ def _binary_search(index: Any, codes: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 def _threads() -> int:
-    import faiss
+    faiss = import_faiss()
 
     return max(1, faiss.omp_get_max_threads())
 

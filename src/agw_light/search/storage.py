@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from agw_light.files import file_sha256, fsync_folder
+from agw_light.files import file_sha256, fsync_folder, open_lock_file
 from agw_light.search.metadata import GalleryMetadata
 
 FORMAT = "agw_light.search.index"
@@ -53,6 +53,8 @@ READ_LOCK = ".read.lock"
 _NPY_READ = threading.Lock()
 _OWN_PREFIXES = ("data-", ".tmp-", f".{MANIFEST}.")
 _OWN_NAMES = (MANIFEST, SAVE_LOCK, READ_LOCK)
+# A manifest's entry for one array file: key -> JSON type.
+_ENTRY_TYPES = {"file": str, "bytes": int, "sha256": str, "dtype": str, "shape": list}
 
 
 class Storable(Protocol):
@@ -201,7 +203,7 @@ def _flock(path: Path, operation: int, read_only_ok: bool = False) -> Iterator[b
     since saves began to lock.
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        descriptor = open_lock_file(path, os.O_RDONLY)
     except OSError as error:
         if not (read_only_ok and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
             raise
@@ -289,6 +291,8 @@ def _read_manifest(manifest_path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{manifest_path}: not valid JSON ({error}); the manifest is corrupted") from error
+    except RecursionError:
+        raise ValueError(f"{manifest_path}: JSON nested too deeply; the manifest is corrupted") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{manifest_path}: not an agw_light search index (expected format {FORMAT!r})")
     version = manifest.get("format_version")
@@ -300,14 +304,41 @@ def _read_manifest(manifest_path: Path) -> dict[str, Any]:
     for key in ("kind", "count", "has_metadata", "data_dir", "files"):
         if key not in manifest:
             raise ValueError(f"{manifest_path}: missing key {key!r}")
+    if not isinstance(manifest["files"], dict) or not all(isinstance(e, dict) for e in manifest["files"].values()):
+        raise ValueError(f"{manifest_path}: 'files' must map each array name to its entry (an object)")
+    for name, entry in manifest["files"].items():
+        for key, kind in _ENTRY_TYPES.items():
+            if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+                raise ValueError(
+                    f"{manifest_path}: files.{name}.{key} is {entry.get(key)!r}; expected a {kind.__name__}"
+                )
+        if entry["bytes"] < 0 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry["shape"]
+        ):
+            raise ValueError(f"{manifest_path}: files.{name}: negative size or shape {entry['shape']!r}")
     return manifest
 
 
+def confined(folder: Path, name: Any, what: str) -> Path:
+    """`folder / name`, where `name` must be a plain file name whose file, links followed, lies in `folder`.
+
+    A manifest names its data folder and array files; a crafted one (`../../etc`, an absolute path, a
+    symbolic link out of the folder) must not make a load read outside the index folder.
+    """
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    path = folder / name if plain else None
+    if path is None or not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(
+            f"{what} {name!r} is not a file name inside {folder} (a manifest names files of its own folder)"
+        )
+    return path
+
+
 def _load_arrays_and_restore(cls: type[Storable], manifest_path: Path, manifest: dict[str, Any]) -> Any:
-    data_dir = manifest_path.parent / manifest["data_dir"]
+    data_dir = confined(manifest_path.parent, manifest["data_dir"], f"{manifest_path}: data_dir")
     arrays = {}
     for name, entry in manifest["files"].items():
-        path = data_dir / entry["file"]
+        path = confined(data_dir, entry["file"], f"{manifest_path}: files.{name}.file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (listed in {manifest_path})")
         size = path.stat().st_size
@@ -321,6 +352,7 @@ def _load_arrays_and_restore(cls: type[Storable], manifest_path: Path, manifest:
                 f"{path}: checksum mismatch (sha256 {digest}, {manifest_path} records {entry['sha256']}); "
                 "the file is corrupted"
             )
+        _check_npy_header(path, entry, manifest_path)
         with _NPY_READ:
             arrays[name] = np.load(path, allow_pickle=False)
     try:
@@ -334,3 +366,24 @@ def _load_arrays_and_restore(cls: type[Storable], manifest_path: Path, manifest:
         if len(index.metadata) != index.ntotal:
             raise ValueError(f"{manifest_path}: metadata has {len(index.metadata)} items for {index.ntotal} codes")
     return index
+
+
+def _check_npy_header(path: Path, entry: dict[str, Any], manifest_path: Path) -> None:
+    """Raises unless the .npy header declares the dtype and shape the manifest records, and exactly the bytes
+    the file holds: a header declaring 10^12 rows must not make np.load allocate them."""
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(handle)
+        except (ValueError, SyntaxError, TypeError) as error:
+            raise ValueError(f"{path}: not a readable .npy file ({error})") from error
+        offset = handle.tell()
+    expected = offset + dtype.itemsize * int(np.prod(shape, dtype=object))
+    if dtype.hasobject or dtype.str != entry["dtype"] or list(shape) != entry["shape"] or expected != entry["bytes"]:
+        raise ValueError(
+            f"{path}: its header declares {dtype.str} {list(shape)} ({expected} bytes), but {manifest_path} records "
+            f"{entry['dtype']} {entry['shape']} in {entry['bytes']} bytes"
+        )

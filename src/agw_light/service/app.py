@@ -5,67 +5,206 @@
     POST /search?k=10&max_distance=0.3      multipart field `image`: the top-k gallery items as JSON
     GET  /gallery/{position}/thumbnail      a gallery item's image, shrunk into `thumb_size`
 
-A thumbnail is addressed by the item's position in the index's gallery list, never by a path, so the
-service can only ever serve the gallery's own images. Queries run in the server's thread pool (decoding,
-embedding and searching block), so slow ones do not hold up the others.
+Every GET route answers HEAD too. A thumbnail is addressed by the item's position in the index's gallery
+list, never by a path, so the service can only ever serve the gallery's own images. Queries run in the
+server's thread pool (decoding, embedding and searching block), so slow ones do not hold up the others.
+
+What a client can make the server hold is bounded: a request body stops being read at `max_upload_bytes`
+(declared or not: a chunked upload is counted as it arrives) and must arrive within `body_timeout_s`; an
+upload is decoded only inside the `concurrent_queries` limit, at most `max_image_pixels` pixels, a JPEG at
+the reduced scale the model needs; the Host header must name an allowed host (`allowed_hosts`), so a
+web page of another site cannot reach a loopback service through DNS rebinding.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime, and they
 # refer to create_app's arguments (max_k).
+import asyncio
 import io
+import socket
+import threading
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from agw_light.service.gallery import GallerySearch, QueryImageError, decode_query, hit_json
+from agw_light.images import FORMATS_TEXT, open_rgb
+from agw_light.service.gallery import DEFAULT_MAX_IMAGE_PIXELS, GallerySearch, QueryImageError, hit_json
 
 # Bytes a multipart request may carry beyond the image itself (boundaries, part headers).
 MULTIPART_OVERHEAD = 64 * 1024
 THUMBNAIL_CACHE_ITEMS = 4096
+# Thumbnails decoded at once (each at most max_image_pixels): the page asks for ten after every query.
+THUMBNAIL_DECODES = 4
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+# On a refused body: the server closes the connection after answering instead of reading the rest.
+CLOSE = {"Connection": "close"}
+
+
+def default_allowed_hosts(host: str) -> list[str]:
+    """The Host header values a service bound to `host` answers: that host and the loopback names, plus this
+    machine's names when it listens on every interface (0.0.0.0)."""
+    names = [*LOOPBACK_NAMES]
+    if host in WILDCARD_ADDRESSES:
+        names += [socket.gethostname(), socket.getfqdn()]
+    else:
+        names.append(host)
+    return list(dict.fromkeys(names))
+
+
+class BoundedBody:
+    """ASGI middleware: a request body larger than an upload of `max_upload_bytes` (plus the multipart
+    framing) is refused with 413, one slower than `timeout_s`
+    with 408, and no byte past the limit or the deadline is read.
+
+    A declared Content-Length over the limit is refused before the body is read; a body without one (chunked
+    transfer) is counted as it arrives and refused at the message that passes the limit, so it is never stored
+    whole (FastAPI would otherwise spool the whole form to disk before the endpoint sees it). The refusal
+    closes the connection, so the rest of the body is not even received.
+    """
+
+    def __init__(self, app: Any, *, max_upload_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+        self.max_bytes = max_upload_bytes + MULTIPART_OVERHEAD
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"the upload exceeds the limit of {self.max_upload_bytes} bytes"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": too_large}, 413, headers=CLOSE)(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        received, complete, started = 0, False, False
+
+        async def bounded_receive() -> dict:
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                detail = f"the request body did not arrive within {self.timeout_s:g} s (body_timeout_s)"
+                raise HTTPException(408, detail, headers=CLOSE) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, too_large, headers=CLOSE)
+                complete = not message.get("more_body", False)
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, tracking_send)
+        except HTTPException as refused:  # raised where no exception handler turned it into a response
+            if started:
+                raise
+            await JSONResponse({"detail": refused.detail}, refused.status_code, headers=CLOSE)(scope, receive, send)
+
+
+def header_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request head has not arrived `timeout_s` seconds
+    after the connection opened or the previous response ended.
+
+    uvicorn's keep-alive timer restarts at every byte received, so a client trickling a header a byte at a
+    time would hold a connection (and a file descriptor) for as long as it likes; this deadline does not move.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _head_deadline: asyncio.TimerHandle | None = None
+
+        def _arm_head_deadline(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            self._head_deadline = self.loop.call_later(timeout_s, self._head_overdue)
+
+        def _head_overdue(self) -> None:
+            waiting_for_a_request = self.cycle is None or self.cycle.response_complete
+            if waiting_for_a_request and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineProtocol
 
 
 def create_app(
     gallery: GallerySearch,
     *,
     max_upload_bytes: int = 10_000_000,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_k: int = 100,
     thumb_size: tuple[int, int] = (128, 64),
+    allowed_hosts: Sequence[str] | None = None,
+    body_timeout_s: float = 60.0,
 ) -> FastAPI:
-    """The service around `gallery`; `max_upload_bytes` bounds a query image, `max_k` the results asked for,
-    `thumb_size` (height, width) the box thumbnails fit in."""
+    """The service around `gallery`.
+
+    Args:
+        max_upload_bytes: the largest query image file.
+        max_image_pixels: the most pixels a query image or a thumbnail's source is decoded to.
+        max_k: the most results a query may ask for.
+        thumb_size: (height, width) box the thumbnails fit in.
+        allowed_hosts: Host header values answered (`default_allowed_hosts`); None answers any (tests).
+        body_timeout_s: seconds a request's body may take to arrive.
+    """
     app = FastAPI(title="agw_light gallery search", version="1")
     page = files("agw_light.service").joinpath("page.html").read_text(encoding="utf-8")
+    app.add_middleware(BoundedBody, max_upload_bytes=max_upload_bytes, timeout_s=body_timeout_s)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    thumbnail_decodes = threading.BoundedSemaphore(THUMBNAIL_DECODES)
 
-    @app.middleware("http")
-    async def refuse_oversize_bodies(request: Request, call_next):
-        """A body declared larger than any acceptable upload is refused before it is read (FastAPI would
-        otherwise receive and spool the whole form before the endpoint sees it)."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_upload_bytes + MULTIPART_OVERHEAD:
-            return JSONResponse({"detail": f"the upload exceeds the limit of {max_upload_bytes} bytes"}, 413)
-        return await call_next(request)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> str:
         return page
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict[str, Any]:
         return gallery.describe()
 
     @app.post("/search")
     async def search(
-        image: Annotated[UploadFile, File(description="the query image: JPEG, PNG or BMP")],
+        image: Annotated[UploadFile, File(description=f"the query image: {FORMATS_TEXT}")],
         k: Annotated[int, Query(ge=1, le=max_k, description="gallery items to return")] = 10,
         max_distance: Annotated[float | None, Query(ge=0, description="drop items farther than this")] = None,
     ) -> dict[str, Any]:
         data = await image.read(max_upload_bytes + 1)
         try:
-            hits = await run_in_threadpool(_search, gallery, data, max_upload_bytes, k, max_distance)
+            hits = await run_in_threadpool(
+                gallery.search_upload,
+                data,
+                k,
+                max_distance,
+                max_bytes=max_upload_bytes,
+                max_pixels=max_image_pixels,
+            )
         except QueryImageError as error:
             raise HTTPException(error.status, f"{image.filename or 'upload'}: {error}") from error
         return {
@@ -77,14 +216,12 @@ def create_app(
 
     @lru_cache(maxsize=THUMBNAIL_CACHE_ITEMS)
     def thumbnail_bytes(position: int) -> tuple[bytes, str]:
-        from PIL import Image
-
         path = gallery.item_path(position)
         try:
-            with Image.open(path) as picture:
-                picture = picture.convert("RGB")
-        except OSError as error:
-            message = f"gallery item {position}: its image cannot be read ({error.__class__.__name__})"
+            with thumbnail_decodes:
+                picture = open_rgb(path, max_pixels=max_image_pixels, draft_size=thumb_size)
+        except OSError as error:  # missing, not an allowed format, truncated, too many pixels
+            message = f"gallery item {position}: its image cannot be shown ({error.__class__.__name__})"
             raise LookupError(message) from error
         picture.thumbnail((thumb_size[1], thumb_size[0]))
         buffer = io.BytesIO()
@@ -92,7 +229,7 @@ def create_app(
         return buffer.getvalue(), "image/jpeg"
 
     # Only digits route here (Starlette's int convertor): no sign, decimal point or anything path-like.
-    @app.get("/gallery/{position:int}/thumbnail")
+    @app.api_route("/gallery/{position:int}/thumbnail", methods=["GET", "HEAD"])
     def thumbnail(position: int) -> Response:
         try:
             content, media_type = thumbnail_bytes(position)
@@ -101,7 +238,3 @@ def create_app(
         return Response(content, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
     return app
-
-
-def _search(gallery: GallerySearch, data: bytes, max_bytes: int, k: int, max_distance: float | None) -> list:
-    return gallery.search(decode_query(data, max_bytes), k, max_distance)

@@ -3,25 +3,31 @@
 The service must rank a query with the very model whose outputs fill the index: `GallerySearch.open` reads
 the checkpoint path and SHA-256 the index's manifest records (`python -m agw_light.search build` writes
 them) and refuses a checkpoint that is missing or whose bytes changed since the build. Queries may arrive on
-many threads at once: decoding runs freely, at most `concurrent_queries` images are embedded at a time (the
-model already spreads one image over every core), and the index is searched under a lock (a coarse-to-fine
-index builds its scan tables on first use).
+many threads at once: at most `concurrent_queries` uploads are decoded and embedded at a time, on threads of
+their own (the model already spreads one image over every core, and a decoded picture is the largest thing a
+query holds), and the index is searched under a lock (a coarse-to-fine index builds its scan tables on first
+use).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from agw_light.images import FORMATS_TEXT, ImageTooLarge, open_rgb
 from agw_light.inference import Encoder
 from agw_light.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from agw_light.search import SearchIndex, load_index
 
-# Pillow refuses images above this many pixels (a decompression bomb in a few kilobytes of PNG).
-MAX_QUERY_PIXELS = 40_000_000
+log = logging.getLogger(__name__)
+# The most pixels an upload is decoded to (conf/serve.yaml max_image_pixels): a person crop needs a few hundred
+# pixels a side, and each decoded pixel costs the server about 8 bytes while the query is embedded.
+DEFAULT_MAX_IMAGE_PIXELS = 1_000_000
 
 
 class QueryImageError(ValueError):
@@ -44,28 +50,38 @@ class Hit:
     name: str | None  # the image's file name, never its folder
 
 
-def decode_query(data: bytes, max_bytes: int) -> Any:
-    """The uploaded bytes as an RGB PIL image, or QueryImageError (empty, too large, not an image)."""
-    from PIL import Image, UnidentifiedImageError
+def decode_query(data: bytes, max_bytes: int, *, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Any:
+    """The uploaded bytes as an RGB PIL image, or QueryImageError (empty, too large, not an allowed image).
 
+    The header is checked against `max_pixels` before any pixel is decoded; a JPEG is decoded at the
+    smallest reduced scale that still covers `draft_size` (height, width), the model's input size."""
     if not data:
-        raise QueryImageError("the uploaded file is empty: send a JPEG, PNG or BMP image")
+        raise QueryImageError(f"the uploaded file is empty: send a {FORMATS_TEXT} image")
     if len(data) > max_bytes:
         raise QueryImageError(f"the upload exceeds the limit of {max_bytes} bytes", status=413)
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_QUERY_PIXELS:
-                raise QueryImageError(
-                    f"the image is {image.width}x{image.height} pixels, more than the limit of {MAX_QUERY_PIXELS}",
-                    status=413,
-                )
-            return image.convert("RGB")
-    except QueryImageError:
-        raise
-    except UnidentifiedImageError as error:
-        raise QueryImageError("the upload is not a readable image (no image format recognised)", status=415) from error
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise QueryImageError(f"the upload is not a readable image ({error})", status=415) from error
+        return open_rgb(io.BytesIO(data), max_pixels=max_pixels, draft_size=draft_size)
+    except ImageTooLarge as error:
+        size = f"is {error.width}x{error.height} pixels" if error.width else "declares more pixels than Pillow allows"
+        raise QueryImageError(
+            f"the image {size}, more than the limit of {max_pixels} pixels (max_image_pixels): send a crop of "
+            "the person, a few hundred pixels a side",
+            status=413,
+        ) from error
+    except OSError as error:
+        raise QueryImageError(
+            f"the upload is not a readable image (expected {FORMATS_TEXT}; {_reason(error)})", status=415
+        ) from error
+
+
+def _reason(error: OSError) -> str:
+    """Pillow's own words for a damaged file, without the repr of our in-memory buffer."""
+    from PIL import UnidentifiedImageError
+
+    cause = error.__cause__
+    if cause is None or isinstance(cause, UnidentifiedImageError) or "BytesIO" in str(cause):
+        return "no allowed image format recognised"
+    return str(cause)
 
 
 class GallerySearch:
@@ -75,7 +91,9 @@ class GallerySearch:
         self.index = index
         self.encoder = encoder
         self.index_dir = index_dir
-        self._encoding = threading.BoundedSemaphore(concurrent_queries)
+        # Queries are decoded and embedded on these threads alone: the pictures they decode are then freed
+        # into the malloc arenas of `concurrent_queries` threads, never spread over every request thread's.
+        self._embedding = ThreadPoolExecutor(max_workers=concurrent_queries, thread_name_prefix="agw-query")
         self._searching = threading.Lock()
 
     @classmethod
@@ -91,6 +109,17 @@ class GallerySearch:
             raise ValueError(f"concurrent_queries={concurrent_queries!r}: expected a positive integer")
         loaded, image_size = recorded_checkpoint(index, index_dir)
         encoder = Encoder.from_loaded(loaded, image_size=image_size, device=device, backend=backend)
+        trained = None if loaded.preprocessing is None else loaded.preprocessing.image_size
+        if image_size is not None and trained is not None and image_size != trained:
+            log.warning(
+                "%s records image size %s (its gallery was embedded so), but checkpoint %s was trained at %s: queries "
+                "are embedded at the index's size, as its gallery was; rebuild the index without a height/width "
+                "override for the model's own size",
+                index_dir / "manifest.json",
+                list(image_size),
+                loaded.path,
+                list(trained),
+            )
         return cls(index, encoder, index_dir=index_dir, concurrent_queries=concurrent_queries)
 
     def describe(self) -> dict[str, Any]:
@@ -110,18 +139,35 @@ class GallerySearch:
     def search(self, image: Any, k: int, max_distance: float | None = None) -> list[Hit]:
         """The k nearest gallery items to `image` (a PIL image), nearest first, without those farther than
         `max_distance` (kept when equal)."""
-        with self._encoding:
-            features = self.encoder.encode([image])
+        features = self._embedding.submit(self.encoder.encode, [image]).result()
+        return self._ranked(features, k, max_distance)
+
+    def search_upload(
+        self, data: bytes, k: int, max_distance: float | None = None, *, max_bytes: int, max_pixels: int
+    ) -> list[Hit]:
+        """`search` for an uploaded file's bytes, decoded inside the `concurrent_queries` limit: N uploads
+        arriving at once hold N compressed files and at most `concurrent_queries` decoded pictures (each at
+        most `max_pixels`), never N of them. QueryImageError says why an upload is refused."""
+        features = self._embedding.submit(self._decode_and_encode, data, max_bytes, max_pixels).result()
+        return self._ranked(features, k, max_distance)
+
+    def _decode_and_encode(self, data: bytes, max_bytes: int, max_pixels: int) -> Any:
+        image = decode_query(data, max_bytes, max_pixels=max_pixels, draft_size=self.encoder.image_size)
+        return self.encoder.encode([image])
+
+    def _ranked(self, features: Any, k: int, max_distance: float | None) -> list[Hit]:
         with self._searching:
             distances, positions = self.index.search(features, k)
         metadata = self.index.metadata
         hits = []
-        for rank, (distance, position) in enumerate(zip(distances[0].tolist(), positions[0].tolist(), strict=True)):
+        for distance, position in zip(distances[0].tolist(), positions[0].tolist(), strict=True):
+            if position < 0:
+                continue  # faiss pads a result shorter than k with position -1: no item
             if max_distance is not None and distance > max_distance:
                 break  # nearest first: every later item is at least as far
             hits.append(
                 Hit(
-                    rank=rank + 1,
+                    rank=len(hits) + 1,
                     position=position,
                     distance=float(distance),
                     pid=metadata.pids[position] if metadata else None,
@@ -150,7 +196,7 @@ def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[LoadedChec
     to be the ones that built the index (the hash of the bytes loaded: the file is read once)."""
     record = index.record or {}
     manifest = index_dir / "manifest.json"
-    if not record.get("ckpt") or not record.get("ckpt_sha256"):
+    if not all(isinstance(record.get(key), str) and record[key] for key in ("ckpt", "ckpt_sha256")):
         raise ValueError(
             f"{manifest}: records no checkpoint and SHA-256 (the index was not written by `python -m "
             "agw_light.search build`): the service cannot know which model fills it; rebuild it with that command"
@@ -169,4 +215,10 @@ def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[LoadedChec
             f"SHA-256 {record['ckpt_sha256']}; its outputs would not match the index: rebuild the index"
         )
     size = record.get("image_size")
-    return loaded, (int(size[0]), int(size[1])) if size else None
+    if size is None:
+        return loaded, None
+    if not (
+        isinstance(size, list) and len(size) == 2 and all(type(side) is int and 0 < side <= 10_000 for side in size)
+    ):
+        raise ValueError(f"{manifest}: image_size {size!r} is not [height, width] in pixels (two positive integers)")
+    return loaded, (size[0], size[1])
