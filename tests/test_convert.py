@@ -378,3 +378,16 @@ def test_training_starts_from_a_converted_model(converted, compose_config):
     fine_tuned = build_module(compose_config(*matching, "model.drop_classifier=true"), 6)
     assert fine_tuned.model.head.classifier.weight.shape == (6, 512)
     torch.testing.assert_close(fine_tuned.model.backbone.conv1.weight, converted_weights["backbone.conv1.weight"])
+
+
+def test_resume_refuses_a_converted_file_and_another_architecture(converted, compose_config):
+    from agw_light.builders import build_module
+    from agw_light.lit.checkpointing import read_resumable
+
+    _, ckpt = converted
+    with pytest.raises(ValueError, match=r"holds weights but no training state \(missing epoch, global_step"):
+        read_resumable(ckpt)
+    recorded = {"hyper_parameters": {"model": {"backbone": "resnet18", "stem_relu": False}}}
+    cfg = compose_config("model.backbone=resnet34", f"resume={ckpt}")
+    with pytest.raises(ValueError, match=r"network is not this config's: set model.backbone=resnet18 model.stem_relu"):
+        build_module(cfg, 8, resumed=recorded)

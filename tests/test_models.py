@@ -353,3 +353,34 @@ def test_imagenet_offline_error_tells_to_pass_a_file(tmp_path, monkeypatch, erro
     with pytest.raises(RuntimeError, match=r"model\.pretrained=/path/to/resnet18-f37072fd\.pth") as info:
         build_model("resnet18", num_classes=3, pretrained="imagenet")
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in str(info.value)
+
+
+def test_imagenet_offline_error_names_the_hub_cache_and_a_file_put_there_is_found(
+    tmp_path, monkeypatch, resnet18_state_dict
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(RuntimeError, match=f"copy it to {cached}"):
+        build_model("resnet18", num_classes=3, pretrained="imagenet")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(resnet18_state_dict, cached)  # what the message says to do; the download stays offline
+    model = build_model("resnet18", num_classes=3, pretrained="imagenet")
+    assert torch.equal(model.backbone.conv1.weight, resnet18_state_dict["conv1.weight"])
+
+
+def test_a_timm_safetensors_file_initialises_the_backbone(tmp_path, resnet18_state_dict):
+    """timm's ResNets keep torchvision's key names; the hub ships them as .safetensors (no pickle at all)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({key: value.contiguous() for key, value in resnet18_state_dict.items()}, path)
+    model = build_model("resnet18", num_classes=3, pretrained=path)
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, resnet18_state_dict["layer3.1.conv2.weight"])
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(ValueError, match="broken.safetensors: not a readable safetensors file"):
+        build_model("resnet18", num_classes=3, pretrained=tmp_path / "broken.safetensors")
