@@ -266,10 +266,8 @@ def converted(tmp_path) -> tuple[torch.nn.Module, Path]:
 
 def test_a_converted_model_scores_what_its_source_scores(converted, compose_config, tmp_path, monkeypatch):
     from agw_light import evaluation
-    from agw_light.builders import build_datamodule
     from agw_light.cli.evaluate import evaluate
     from agw_light.data.synthetic import generate_synthetic
-    from agw_light.evaluation import evaluate_features
 
     monkeypatch.setattr(evaluation, "time_inference", lambda *args, **kwargs: 1.0)
     source, ckpt = converted
@@ -289,7 +287,14 @@ def test_a_converted_model_scores_what_its_source_scores(converted, compose_conf
 
     # The same protocol on the source network's own features (its own preprocessing), without re-ranking.
     cfg = compose_config(f"ckpt={ckpt}", "device=cpu", f"out={tmp_path / 'plain.json'}", config_name="evaluate")
-    row = evaluate(cfg)
+    assert_scores_equal(evaluate(cfg), source, cfg, "cosine")
+
+
+def assert_scores_equal(row: dict, source: torch.nn.Module, cfg, distance: str) -> None:
+    """The row's R1/R5/mAP/mINP equal the protocol's scores of the source network's own features."""
+    from agw_light.builders import build_datamodule
+    from agw_light.evaluation import evaluate_features
+
     datamodule = build_datamodule(cfg)
     datamodule.setup("test")
     samples = datamodule.dataset.query + datamodule.dataset.gallery
@@ -297,9 +302,23 @@ def test_a_converted_model_scores_what_its_source_scores(converted, compose_conf
     pids = torch.tensor([pid for _, pid, _ in samples])
     camids = torch.tensor([camid for _, _, camid in samples])
     is_query = torch.arange(len(samples)) < len(datamodule.dataset.query)
-    expected = evaluate_features(features, pids, camids, is_query, distance="cosine")
+    expected = evaluate_features(features, pids, camids, is_query, distance=distance)
+    assert row["metric"] == distance
     for key in ("R1", "R5", "mAP", "mINP"):
         assert row[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def test_a_converted_torchreid_model_scores_what_its_source_scores(compose_config, tmp_path, monkeypatch):
+    from agw_light import evaluation
+    from agw_light.cli.evaluate import evaluate
+
+    monkeypatch.setattr(evaluation, "time_inference", lambda *args, **kwargs: 1.0)
+    torch.manual_seed(8)
+    source = sources.randomise(sources.TorchreidResNet(CLASSES, depth="resnet18", last_stride=1, fc_dim=32))
+    torch.save(source.state_dict(), tmp_path / "torchreid.pth")
+    ckpt = convert_checkpoint(tmp_path / "torchreid.pth", tmp_path / "torchreid.ckpt", image_size=SIZE).out
+    cfg = compose_config(f"ckpt={ckpt}", "device=cpu", config_name="evaluate")
+    assert_scores_equal(evaluate(cfg), source, cfg, "euclidean")
 
 
 def test_a_converted_model_drives_pictures_export_search_and_the_service(converted, compose_config, tmp_path):
@@ -391,3 +410,17 @@ def test_resume_refuses_a_converted_file_and_another_architecture(converted, com
     cfg = compose_config("model.backbone=resnet34", f"resume={ckpt}")
     with pytest.raises(ValueError, match=r"network is not this config's: set model.backbone=resnet18 model.stem_relu"):
         build_module(cfg, 8, resumed=recorded)
+
+
+def test_a_resumed_checkpoint_is_read_once(tmp_path, monkeypatch):
+    """read_resumable's contents are handed to Lightning through the checkpoint IO instead of a second read."""
+    from agw_light.lit.checkpointing import AtomicCheckpointIO
+
+    contents = {"state_dict": {}, "epoch": 3}
+    (tmp_path / "last.ckpt").write_bytes(b"a checkpoint")
+    io = AtomicCheckpointIO(preloaded={str(tmp_path / "run" / ".." / "last.ckpt"): contents})
+    reads = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: reads.append(args) or {"read": True})
+    assert io.load_checkpoint(tmp_path / "last.ckpt") is contents  # same file, other spelling: no read
+    assert reads == []
+    assert io.load_checkpoint(tmp_path / "last.ckpt") == {"read": True}  # served once only
