@@ -3,7 +3,8 @@
 Pillow decodes dozens of formats (TIFF, GIF, ICO, EPS through Ghostscript, ...), and each is a parser exposed
 to whatever file a dataset, a folder or an upload hands us. Only the formats below are ever tried: uploads
 and thumbnails in the service, the Encoder, the datasets' loaders and image check, and the folder listers
-(by suffix) all go through `open_rgb` and `IMAGE_SUFFIXES`. Any other file is "not a readable image".
+(by suffix: `list_image_files` here, the identity-folder layout) all go through `open_rgb` and
+`IMAGE_SUFFIXES`. Any other file is "not a readable image".
 
 `open_rgb` can also bound the pixels it decodes (`max_pixels`, checked on the header, before any pixel is
 decoded) and decode a JPEG at a reduced scale (`draft_size`: Pillow's draft mode decodes 1/2, 1/4 or 1/8 of
@@ -13,6 +14,7 @@ far larger than the model needs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -30,6 +32,38 @@ IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
 }
 IMAGE_SUFFIXES: tuple[str, ...] = tuple(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes)
 FORMATS_TEXT = ", ".join(IMAGE_FORMATS)
+
+
+def list_image_files(location: str | os.PathLike[str]) -> list[Path]:
+    """The image files at `location`: a file as itself, a folder as every file below it (recursively) whose
+    suffix is one of `IMAGE_SUFFIXES` in any case, sorted so that outputs come in a reproducible order.
+
+    Names starting with "." are skipped below a folder, as the identity-folder layout does: hidden folders
+    (.git, .thumbnails) and the "._name.jpg" resource forks macOS leaves on shared drives are not images.
+    A single file is returned whatever its suffix: opening it (`open_rgb`) decides whether it is an image.
+
+    Args:
+        location: an image file or a folder of them.
+
+    Raises:
+        FileNotFoundError: `location` is neither a file nor a folder.
+        ValueError: the folder holds no image file.
+    """
+    path = Path(location).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such image file or folder")
+    images = sorted(
+        found
+        for found in path.rglob("*")
+        if found.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in found.relative_to(path).parts)
+        and found.is_file()
+    )
+    if not images:
+        raise ValueError(f"{path}: no images found (expected files ending in {list(IMAGE_SUFFIXES)}, any case)")
+    return images
 
 
 class ImageTooLarge(OSError):

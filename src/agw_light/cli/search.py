@@ -4,7 +4,7 @@
     python -m agw_light.search query index=<index dir> image=<image file or folder> topk=10 [json=true]
         [ckpt=<model.ckpt>] [allow_changed_model=true] [max_distance=<threshold>]
 
-`build` embeds every image under `gallery` (recursively: jpg, jpeg, png, bmp) with the checkpoint's model
+`build` embeds every image under `gallery` (recursively: jpg, jpeg, png, bmp, webp) with the checkpoint's model
 and saves the index the model's head calls for (float cosine, exact Hamming or coarse-to-fine Hamming)
 with the image paths (and pid / camera parsed from Market- or Duke-style names, else -1). The
 coarse-to-fine candidate counts are fitted on a sample of the gallery's own codes as queries (no labels
@@ -91,18 +91,6 @@ def parse_arguments(argv: list[str]) -> tuple[str, dict[str, Any]]:
     return verb, options
 
 
-def list_images(location: str | Path) -> list[Path]:
-    """One image file, or every image below a folder (sorted, so builds are reproducible)."""
-    from agw_light.inference import list_image_files
-
-    path = Path(location).expanduser()
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such image file or folder")
-    return list_image_files(path)
-
-
 def reid_labels(path: Path) -> tuple[int, int]:
     """(pid, 0-based camera) from a Market/Duke-style file name, (-1, -1) when the name says nothing."""
     match = REID_NAME.match(path.name)
@@ -117,8 +105,7 @@ def _embed_location(loaded: LoadedCheckpoint, location: str | Path, options: dic
     encoder = Encoder.from_loaded(
         loaded, image_size=_image_size(loaded, options), device=options["device"], backend="torch"
     )
-    paths = list_images(location)
-    return paths, encoder.encode(paths, batch_size=options["batch_size"], progress=True)
+    return encoder.encode_files(location, batch_size=options["batch_size"], progress=True)
 
 
 def _image_size(loaded: LoadedCheckpoint, options: dict[str, Any]) -> tuple[int, int]:

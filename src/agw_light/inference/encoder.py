@@ -15,15 +15,16 @@ no file to go stale or to clean up); `python -m agw_light.export` writes the fil
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
 from agw_light.data.transforms import Preprocessing
-from agw_light.images import IMAGE_SUFFIXES, open_rgb
+from agw_light.images import list_image_files, open_rgb
 
 if TYPE_CHECKING:
     from agw_light.inference.checkpoint import LoadedCheckpoint
@@ -33,15 +34,14 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 PROGRESS_MIN_IMAGES = 512
 
 
-def list_image_files(folder: str | Path) -> list[Path]:
-    """Every image file below `folder`, recursively, sorted (so outputs come in a reproducible order)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
-        raise ValueError(f"{folder}: no images found (expected files ending in {list(IMAGE_SUFFIXES)})")
-    return images
+class EncodedImages(NamedTuple):
+    """`Encoder.encode_files`' answer: the image files and their outputs, row i for `paths[i]`.
+
+    A tuple, so `paths, features = encoder.encode_files(folder)` unpacks it.
+    """
+
+    paths: list[Path]
+    features: torch.Tensor
 
 
 class _Images(torch.utils.data.Dataset):
@@ -270,26 +270,73 @@ class Encoder:
         *,
         num_workers: int = 0,
         progress: bool | None = None,
+        normalize: bool = False,
     ) -> torch.Tensor:
-        """Outputs (N, D) for a list of PIL images, a list of image paths, or a folder (its image files,
-        recursively, sorted: `list_image_files`), in that order. `progress` (default: from 512 images on)
-        shows a tqdm bar."""
+        """Outputs (N, D), one row per image, in the order given.
+
+        Args:
+            images: an image file, a folder (its image files, recursively, sorted: `list_image_files`), or a
+                list of image paths and PIL images. `encode_files` also returns the paths a folder gave.
+            batch_size: images per forward pass.
+            num_workers: DataLoader workers that decode and resize (0: in this process).
+            progress: show a tqdm bar (default: from 512 images on; a single request stays quiet).
+            normalize: divide each float feature by its L2 norm (an all-zero row stays zero), so that a dot
+                product is the cosine similarity (e.g. for an inner-product index). Refused for hash codes.
+
+        Returns:
+            float32 CPU tensor (N, D): the float features, or the relaxed codes of every pyramid level.
+        """
         from torch.utils.data import DataLoader
         from tqdm import tqdm
 
         if self.transform is None:
             raise ValueError("this encoder was built without an image size: it encodes batches (encode_loader)")
-        if isinstance(images, (str, Path)):
-            images = list_image_files(images)
-        images = list(images)
-        if not images:
-            raise ValueError("encode() got no images")
+        if normalize and self.code_lengths is not None:
+            raise ValueError(
+                f"normalize=True: this encoder outputs relaxed hash codes (code_lengths={list(self.code_lengths)}), "
+                "which are compared by their signs (Hamming distance); L2 normalisation is for float features"
+            )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+        images = list_image_files(images) if isinstance(images, str | os.PathLike) else list(images)
+        if not images:
+            raise ValueError("encode() got no images")
         loader = DataLoader(_Images(images, self.transform), batch_size=batch_size, num_workers=num_workers)
         show = len(images) >= PROGRESS_MIN_IMAGES if progress is None else progress
         batches = tqdm(loader, desc="encoding images", unit="batch", leave=False, disable=not show)
-        return torch.cat([self(batch) for batch in batches])
+        features = torch.cat([self(batch) for batch in batches])
+        return torch.nn.functional.normalize(features, dim=1) if normalize else features
+
+    def encode_files(
+        self,
+        location: str | Path | Sequence[str | Path],
+        batch_size: int = 64,
+        *,
+        num_workers: int = 0,
+        progress: bool | None = None,
+        normalize: bool = False,
+    ) -> EncodedImages:
+        """The image files at `location` and their outputs, for callers that must know which row is which file
+        (an index of a folder, a table of results).
+
+        Args:
+            location: an image file, a folder (its image files, recursively, sorted: `list_image_files`), or a
+                list of image paths (kept in its order).
+            batch_size, num_workers, progress, normalize: as for `encode`.
+
+        Returns:
+            EncodedImages(paths, features): `paths` as Path objects, `features[i]` the output for `paths[i]`.
+        """
+        if isinstance(location, str | os.PathLike):
+            paths = list_image_files(location)
+        else:
+            items = list(location)
+            not_paths = sorted({type(item).__name__ for item in items if not isinstance(item, str | os.PathLike)})
+            if not_paths:
+                raise TypeError(f"encode_files() takes image paths, not {not_paths}; encode() takes PIL images")
+            paths = [Path(item) for item in items]
+        features = self.encode(paths, batch_size, num_workers=num_workers, progress=progress, normalize=normalize)
+        return EncodedImages(paths, features)
 
     def encode_loader(self, loader: Iterable[dict[str, Any]], *, desc: str = "encoding") -> dict[str, torch.Tensor]:
         """Outputs for every batch of a loader of dict batches (an "image" tensor plus labels): "features",
@@ -318,4 +365,4 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-__all__ = ["BACKENDS", "Encoder", "list_image_files", "onnxruntime_available", "pick_device"]
+__all__ = ["BACKENDS", "EncodedImages", "Encoder", "list_image_files", "onnxruntime_available", "pick_device"]
