@@ -275,7 +275,7 @@ def test_a_converted_model_scores_what_its_source_scores(converted, compose_conf
     cfg = compose_config(
         f"ckpt={ckpt}",
         "device=cpu",
-        "eval.rerank=true",
+        "eval.rerank.enabled=true",
         "eval.targets=[market1501]",
         f"+eval.target_overrides.market1501=['dataset.root={target}']",
         config_name="evaluate",

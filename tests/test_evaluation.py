@@ -108,7 +108,7 @@ def test_rerank_ranks_the_reranked_distances_and_records_its_settings(
 
     monkeypatch.setattr(evaluation, "extract_features", keeping_extract)
     out = tmp_path / "metrics.json"
-    settings = ["eval.rerank=true", "eval.rerank_k1=5", "eval.rerank_k2=2", "eval.rerank_lambda=0.4"]
+    settings = ["eval.rerank.enabled=true", "eval.rerank.k1=5", "eval.rerank.k2=2", "eval.rerank.lambda_value=0.4"]
     row = evaluate(
         compose_config(f"ckpt={checkpoint_trained_at}", f"out={out}", *settings, *ON_CPU, config_name="evaluate")
     )
@@ -138,9 +138,9 @@ def test_rerank_ranks_the_reranked_distances_and_records_its_settings(
 
 def test_rerank_settings_and_coarse_to_fine_are_refused_by_name(compose_config, checkpoint_trained_at, tmp_path):
     cfg = compose_config(
-        f"ckpt={checkpoint_trained_at}", "eval.rerank=true", "eval.rerank_k2=0", *ON_CPU, config_name="evaluate"
+        f"ckpt={checkpoint_trained_at}", "eval.rerank.enabled=true", "eval.rerank.k2=0", *ON_CPU, config_name="evaluate"
     )
-    with pytest.raises(ValueError, match="eval.rerank_k2=0: expected an integer >= 1"):
+    with pytest.raises(ValueError, match="eval.rerank.k2=0: expected an integer >= 1"):
         evaluate(cfg)
 
     from agw_light.builders import build_module
@@ -149,8 +149,8 @@ def test_rerank_settings_and_coarse_to_fine_are_refused_by_name(compose_config, 
     module = build_module(pyramid_cfg, num_classes=8)
     pyramid = tmp_path / "pyramid.ckpt"
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, pyramid)
-    cfg = compose_config(f"ckpt={pyramid}", "eval.rerank=true", *ON_CPU, config_name="evaluate")
-    with pytest.raises(ValueError, match="eval.rerank=true: .*pyramid.ckpt has a code pyramid.*eval.rerank=false"):
+    cfg = compose_config(f"ckpt={pyramid}", "eval.rerank.enabled=true", *ON_CPU, config_name="evaluate")
+    with pytest.raises(ValueError, match="eval.rerank.enabled=true: .*pyramid.ckpt has a code pyramid"):
         evaluate(cfg)
 
 

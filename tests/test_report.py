@@ -214,8 +214,11 @@ def test_report_tables_every_row_in_row_order(sweep, capsys):
         assert (entry["model_res18"], entry["light_feature"], entry["light_search"]) == tuple(
             str(flag).lower() for flag in (res18, light_feature, light_search)
         )
-        for key in ("R1", "mAP", "mINP", "inference_ms_per_batch64", "search_ms_per_query"):
+        for key in ("R1", "mAP", "mINP", "search_ms_per_query"):
             assert float(entry[key]) == metrics[key], (light, key)
+        # Rows written before the timing batch was a setting read as batches of 64.
+        assert float(entry["inference_ms_per_batch"]) == metrics["inference_ms_per_batch64"], light
+        assert entry["timing_batch_size"] == "64"
         assert entry["feature_dim"] == str(metrics["feature_dim"]) and entry["metric"] == metrics["metric"]
         assert entry["device"] == "cpu (2 threads)"
         assert entry["run_dir"] == str((sweep / "market1501" / light).resolve())
@@ -521,6 +524,9 @@ def test_malformed_optional_keys_are_named(tmp_path, change, message):
     from agw_light.results import check_row
 
     row = {"checkpoint": "x", "dataset": "market1501", **network_fields("full"), **ROWS["full"][5]}
-    assert check_row(dict(row), "row") == row  # a row without the optional keys still reads
+    read = check_row(dict(row), "row")  # a row without the optional keys still reads
+    legacy = {key: value for key, value in row.items() if key != "inference_ms_per_batch64"}
+    timing = row["inference_ms_per_batch64"]  # the legacy timing key reads as batches of 64
+    assert read == {**legacy, "inference_ms_per_batch": timing, "timing_batch_size": 64}
     with pytest.raises(ValueError, match=message):
         check_row({**row, **change}, "row")

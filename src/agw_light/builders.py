@@ -19,6 +19,7 @@ from agw_light.data.datasets import DatasetSource
 from agw_light.inference.checkpoint import architecture_differences, architecture_of, initialise_from, load_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
+from agw_light.protocol import EvaluationProtocol, Rerank
 
 log = logging.getLogger(__name__)
 # Lightning accelerators that pick a CUDA GPU when there is one.
@@ -203,34 +204,22 @@ def build_datamodule(cfg: DictConfig, *, holdout_images: int = 0) -> ReIDDataMod
     )
 
 
-# eval.select: how a training run chooses the checkpoint it reports (and rows 2 and 5 distil from).
-SELECTIONS = ("last", "val_split")
-
-
-def holdout_images(cfg: DictConfig) -> int:
-    """Training images held out for checkpoint selection: eval.val_images with eval.select=val_split, else 0."""
-    select = cfg.eval.select
-    if select not in SELECTIONS:
+def evaluation_protocol(cfg: DictConfig) -> EvaluationProtocol:
+    """The `eval` section as the typed protocol object (train's final evaluation and evaluate use the same),
+    checked: an unknown key or a value the protocol cannot run with is an error naming it."""
+    settings = OmegaConf.to_container(cfg.eval, resolve=True)
+    rerank = settings.pop("rerank", {})
+    if not isinstance(rerank, dict):
         raise ValueError(
-            f"eval.select={select!r}: expected 'last' (report the final epoch) or 'val_split' (the best val/mAP "
-            "on training identities held out of training); a checkpoint is never chosen on the test split"
+            f"eval.rerank={rerank!r}: re-ranking is a section now: eval.rerank.enabled=true (and eval.rerank.k1, "
+            "k2, lambda_value)"
         )
-    return int(cfg.eval.val_images) if select == "val_split" else 0
-
-
-def evaluation_options(cfg: DictConfig) -> dict[str, Any]:
-    """`evaluate_checkpoint`'s protocol settings from the `eval` section: train and evaluate use the same."""
-    settings = cfg.eval
-    return {
-        "max_rank": settings.max_rank,
-        "timing_batch_size": settings.timing_batch_size,
-        "fit_images": settings.fit_images,
-        "target_recall": settings.target_recall,
-        "rerank": settings.rerank,
-        "rerank_k1": settings.rerank_k1,
-        "rerank_k2": settings.rerank_k2,
-        "rerank_lambda": settings.rerank_lambda,
-    }
+    try:
+        protocol = EvaluationProtocol(**settings, rerank=Rerank(**rerank))
+    except TypeError as error:
+        raise ValueError(f"eval: {error} (the keys of eval are agw_light.protocol.EvaluationProtocol's)") from error
+    protocol.check()
+    return protocol
 
 
 def with_dataset(cfg: DictConfig, dataset: DictConfig) -> DictConfig:

@@ -25,6 +25,7 @@ from agw_light.metrics import RankAccumulator, evaluate_retrieval, rerank_blocks
 from agw_light.metrics.rerank import check_rerank_settings
 from agw_light.metrics.verification import evaluate_verification
 from agw_light.models import NonLocalBlock
+from agw_light.protocol import EvaluationProtocol
 from agw_light.results import format_summary, write_metrics
 from agw_light.search import CoarseToFineIndex, HammingIndex, build_index
 
@@ -67,186 +68,226 @@ def evaluation_preprocessing(
 def evaluate_checkpoint(
     checkpoint: LoadedCheckpoint | str | Path,
     datamodule: ReIDDataModule,
+    protocol: EvaluationProtocol | None = None,
     *,
     image_size: Sequence[int] | None = None,
     device: str = "auto",
-    max_rank: int = 50,
-    timing_batch_size: int = 64,
-    fit_images: int = 1000,
-    target_recall: float = 0.99,
-    rerank: bool = False,
-    rerank_k1: int = 20,
-    rerank_k2: int = 6,
-    rerank_lambda: float = 0.3,
     out_path: str | Path | None = None,
     selection: str = "given",
 ) -> dict[str, Any]:
-    """Evaluates a checkpoint (a path, or one `load_checkpoint` read) on the datamodule's test split with the
-    published protocol; writes metrics.json.
+    """Evaluates a checkpoint on the datamodule's test split with the published protocol; writes metrics.json.
 
-    Retrieval goes through the search index the model's head calls for (`agw_light.search.build_index`):
-    float cosine (rows 1-2), exact Hamming on the full-length code (row 3) or coarse-to-fine over the code
-    pyramid (rows 4-5, candidate counts fitted on a query/gallery split of training identities, never on
-    test queries or labels). The reported R1/mAP/mINP are those of the ranking that index returns, and the
-    search time is that index's. metrics.json goes beside the checkpoint unless `out_path` is given.
+    Args:
+        checkpoint: a path, or one `load_checkpoint` read (an agw_light checkpoint, trained or converted).
+        datamodule: the evaluated dataset (its test split).
+        protocol: the evaluation settings; None: `EvaluationProtocol()`'s defaults.
+        image_size: (height, width) to feed instead of the checkpoint's recorded size (logged).
+        device: where features are computed and timed ("auto": the GPU when there is one).
+        out_path: metrics.json's path; None: beside the checkpoint.
+        selection: how the checkpoint was chosen ("last epoch", "best val/mAP ...", or "given" by the user).
 
-    The row also holds the same-person verification figures (`agw_light.metrics.verification`: TPR at FPR
-    1e-4 / 1e-3 / 1e-2 with each distance threshold, and a downsampled ROC curve) and, when the checkpoint
-    records it, the dataset the model was trained on ("train_dataset"; "dataset" is the one evaluated here),
-    and for a checkpoint converted from another framework its source ("source_format", "source_sha256").
+    Returns:
+        The row written to metrics.json (the schema of `agw_light.results`).
 
-    Images are preprocessed as the checkpoint records (its size, normalisation and resampling: a converted
-    model's are its source framework's), resized to `image_size` (height, width) when given;
-    the row records the size used ("image_size", e.g. "256x128": height x width, a flat value like the
-    row's others) and, when it is not the training size, that one ("trained_image_size"). `selection` says
-    how the checkpoint was chosen ("last epoch", "best val/mAP ...", or "given" by the user), and
-    "parameters" counts the network's parameters (classifier included, as the published counts do).
-
-    `rerank=True` ranks the exhaustive rows (float cosine, exact Hamming) by k-reciprocal re-ranking
-    (`agw_light.metrics.rerank_blocks`) with k1, k2 and lambda; its original distance is the row's own
-    (cosine or Hamming, scaled per query by the query's largest distance). A coarse-to-fine index never
-    computes most distances, which re-ranking needs, so it is refused there. The row records "rerank" and,
-    when on, the three settings; the search time stays the index's, without re-ranking.
+    The row says which network and protocol produced it (`evaluation_provenance`); retrieval goes through the
+    index the model's head calls for (`agw_light.search.build_index`: float cosine, exact Hamming, or
+    coarse-to-fine with candidate counts fitted on training identities), and R1/mAP/mINP are those of the ranking
+    that index returns (`ranking_scores`), re-ranked when `protocol.rerank.enabled`. The same-person
+    verification figures (`agw_light.metrics.verification`) and the two timings follow.
     """
-    if rerank:
-        check_rerank_settings(
-            rerank_k1, rerank_k2, rerank_lambda, names=("eval.rerank_k1", "eval.rerank_k2", "eval.rerank_lambda")
-        )
-    torch_device = pick_device(device)
+    protocol = protocol or EvaluationProtocol()
+    protocol.check()
+    if protocol.rerank.enabled:
+        settings, names = protocol.rerank, ("eval.rerank.k1", "eval.rerank.k2", "eval.rerank.lambda_value")
+        check_rerank_settings(settings.k1, settings.k2, settings.lambda_value, names=names)
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
-    model = loaded.network
-    ckpt_path = loaded.path
-    if rerank and model.code_lengths is not None and len(model.code_lengths) > 1:
+    network, torch_device = loaded.network, pick_device(device)
+    pyramid = network.code_lengths is not None and len(network.code_lengths) > 1
+    if protocol.rerank.enabled and pyramid:
         raise ValueError(
-            f"eval.rerank=true: {ckpt_path} has a code pyramid, searched coarse-to-fine, which never computes "
-            f"most query x gallery distances; k-reciprocal re-ranking needs them all. Set eval.rerank=false"
+            f"eval.rerank.enabled=true: {loaded.path} has a code pyramid, searched coarse-to-fine, which never "
+            "computes most query x gallery distances; k-reciprocal re-ranking needs them all. Disable re-ranking"
         )
     preprocessing, trained_size = evaluation_preprocessing(loaded, image_size, (datamodule.height, datamodule.width))
-    size = preprocessing.image_size
     datamodule.setup("test")
-    outputs = extract_features(
-        model, datamodule.query_gallery_dataloader(preprocessing=preprocessing), torch_device, desc="query + gallery"
-    )
-    features, pids, camids = outputs["features"], outputs["pids"], outputs["camids"]
-    is_query = outputs["is_query"].bool()
-    code_lengths = model.code_lengths
+    loader = datamodule.query_gallery_dataloader(preprocessing=preprocessing)
+    samples = extract_features(network, loader, torch_device, desc="query + gallery")
+    samples["is_query"] = samples["is_query"].bool()
     fit = None
-    if code_lengths is not None and len(code_lengths) > 1:
-        fit = extract_features(
-            model,
-            datamodule.validation_split_dataloader(fit_images, preprocessing=preprocessing),
-            torch_device,
-            desc="validation split (training ids)",
-        )
+    if pyramid:
+        loader = datamodule.validation_split_dataloader(protocol.fit_images, preprocessing=preprocessing)
+        fit = extract_features(network, loader, torch_device, desc="validation split (training ids)")
         fit["is_query"] = fit["is_query"].bool()
-    index = build_index(
-        features[~is_query],
-        code_lengths,
+    index = build_gallery_index(network, samples, fit, protocol.target_recall)
+    row = evaluation_provenance(loaded, datamodule.name, preprocessing, trained_size, selection, index.kind)
+    row.update(ranking_scores(network, index, samples, protocol, fit=fit))
+    row.update(verification_scores(network, samples, torch_device, protocol.verification_fprs))
+    row.update(timings(network, index, samples, preprocessing, torch_device, protocol.timing_batch_size))
+    out_path = Path(out_path) if out_path is not None else loaded.path.with_name("metrics.json")
+    write_metrics(out_path, row)
+    # The summary starts on its own line, so its header and values stay aligned under the log prefix.
+    log.info("wrote %s:\n%s", out_path, format_summary(row))
+    return row
+
+
+def build_gallery_index(
+    network: nn.Module, samples: dict[str, torch.Tensor], fit: dict[str, torch.Tensor] | None, target_recall: float
+) -> Any:
+    """The search index over the gallery rows that the model's head calls for; a pyramid's candidate counts are
+    fitted on the `fit` split (training identities), never on test queries or labels."""
+    is_query = samples["is_query"]
+    return build_index(
+        samples["features"][~is_query],
+        network.code_lengths,
         target_recall=target_recall,
         fit_queries=None if fit is None else fit["features"][fit["is_query"]],
         fit_gallery=None if fit is None else fit["features"][~fit["is_query"]],
     )
 
-    hparams = loaded.hparams
+
+def evaluation_provenance(
+    loaded: LoadedCheckpoint,
+    dataset: str,
+    preprocessing: Preprocessing,
+    trained_size: tuple[int, int] | None,
+    selection: str,
+    index_kind: str,
+) -> dict[str, Any]:
+    """What produced a row: the checkpoint and its hash, the dataset, the network (backbone, neck, distillation,
+    parameters, non-local width), the index, how the checkpoint was selected, the input size (and the trained one
+    when another was asked for), the training dataset, and a converted model's source."""
+    hparams, network = loaded.hparams, loaded.network
     row: dict[str, Any] = {
-        "checkpoint": str(ckpt_path),
+        "checkpoint": str(loaded.path),
         "checkpoint_sha256": loaded.sha256,
-        "dataset": datamodule.name,
+        "dataset": dataset,
         "backbone": hparams["model"]["backbone"],
         "neck": hparams["model"].get("neck", "bnneck"),
         "distilled": hparams.get("teacher_sha256") is not None,
-        "index": index.kind,
-        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "index": index_kind,
+        "parameters": sum(parameter.numel() for parameter in network.parameters()),
         "nonlocal_inter_channels": (
             str(hparams["model"].get("nonlocal_inter_channels", "half"))
-            if any(isinstance(layer, NonLocalBlock) for layer in model.modules())
+            if any(isinstance(layer, NonLocalBlock) for layer in network.modules())
             else "none"
         ),
         "selection": selection,
-        "image_size": "x".join(map(str, size)),
+        "image_size": "x".join(map(str, preprocessing.image_size)),
     }
-    if trained_size is not None and size != trained_size:
+    if trained_size is not None and preprocessing.image_size != trained_size:
         row["trained_image_size"] = "x".join(map(str, trained_size))
-    train_dataset = hparams.get("train_dataset")
-    if train_dataset is not None:
-        row["train_dataset"] = train_dataset
+    if hparams.get("train_dataset") is not None:
+        row["train_dataset"] = hparams["train_dataset"]
     elif loaded.source is None:
         log.warning("the checkpoint records no training dataset (written before it was recorded): the row has none")
     if loaded.source is not None:
         row.update(source_format=loaded.source["format"], source_sha256=loaded.source["sha256"])
+    return row
+
+
+def ranking_scores(
+    network: nn.Module,
+    index: Any,
+    samples: dict[str, torch.Tensor],
+    protocol: EvaluationProtocol,
+    *,
+    fit: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """R1/R5/R10/mAP/mINP of the ranking the row's search produces, by index kind: coarse-to-fine (with its
+    candidate counts and its recall of the exact full-length top-1), re-ranked, or the exhaustive ranking."""
+    features, pids, camids, is_query = (samples[key] for key in ("features", "pids", "camids", "is_query"))
+    retrieval = network.ranking_features(features)
+    scored: dict[str, Any] = {"metric": network.distance, "rerank": protocol.rerank.enabled}
     if isinstance(index, CoarseToFineIndex):
         query = features[is_query]
-        results = evaluate_coarse_to_fine(
-            index, query, pids[is_query], camids[is_query], pids[~is_query], camids[~is_query], max_rank=max_rank
+        scored.update(
+            evaluate_coarse_to_fine(
+                index,
+                query,
+                pids[is_query],
+                camids[is_query],
+                pids[~is_query],
+                camids[~is_query],
+                max_rank=protocol.max_rank,
+            )
         )
-        exact = HammingIndex(code_lengths[0])
-        exact.add(model.ranking_features(features[~is_query]))
-        exact_top1 = exact.search(model.ranking_features(query).numpy(), 1)[1]
-        row.update(
-            feature_dim="-".join(map(str, code_lengths)),
-            metric=model.distance,
+        exact = HammingIndex(network.code_lengths[0])
+        exact.add(retrieval[~is_query])
+        exact_top1 = exact.search(retrieval[is_query].numpy(), 1)[1]
+        scored.update(
+            feature_dim="-".join(map(str, network.code_lengths)),
             candidates=list(index.candidates),
             fit_queries=int(fit["is_query"].sum()),
             fit_gallery=int((~fit["is_query"]).sum()),
             recall_at_1_of_exact=float((index.search(query.numpy(), 1)[1] == exact_top1).mean()),
             # The exact scan of the full-length codes, timed like the row's search: the speed-up's baseline.
-            exact_search_ms_per_query=time_search(exact, model.ranking_features(query)),
+            exact_search_ms_per_query=time_search(exact, retrieval[is_query]),
         )
-    elif rerank:
-        results = evaluate_reranked(
-            model.ranking_features(features),
-            pids,
-            camids,
-            is_query,
-            distance=model.distance,
-            max_rank=max_rank,
-            k1=rerank_k1,
-            k2=rerank_k2,
-            lambda_value=rerank_lambda,
+        return scored
+    scored["feature_dim"] = int(features.shape[1])
+    if protocol.rerank.enabled:
+        settings = protocol.rerank
+        scored.update(
+            evaluate_reranked(
+                retrieval,
+                pids,
+                camids,
+                is_query,
+                distance=network.distance,
+                max_rank=protocol.max_rank,
+                k1=settings.k1,
+                k2=settings.k2,
+                lambda_value=settings.lambda_value,
+            ),
+            rerank_k1=settings.k1,
+            rerank_k2=settings.k2,
+            rerank_lambda=settings.lambda_value,
         )
-        row.update(
-            feature_dim=int(features.shape[1]),
-            metric=model.distance,
-            rerank=True,
-            rerank_k1=rerank_k1,
-            rerank_k2=rerank_k2,
-            rerank_lambda=rerank_lambda,
-        )
-    else:
-        results = evaluate_features(
-            model.ranking_features(features), pids, camids, is_query, distance=model.distance, max_rank=max_rank
-        )
-        row.update(feature_dim=int(features.shape[1]), metric=model.distance)
-    row.setdefault("rerank", False)
-    # Same-person decisions on the full-length feature or code, whatever index ranks (see metrics.verification),
-    # computed on the evaluation device: all query x gallery pairs cost as much as an exact ranking.
-    retrieval = model.ranking_features(features).to(torch_device)
-    row.update(
-        evaluate_verification(
-            retrieval[is_query],
-            retrieval[~is_query],
-            pids[is_query],
-            pids[~is_query],
-            camids[is_query],
-            camids[~is_query],
-            distance=model.distance,
-        )
+        return scored
+    scored.update(
+        evaluate_features(retrieval, pids, camids, is_query, distance=network.distance, max_rank=protocol.max_rank)
     )
+    return scored
+
+
+def verification_scores(
+    network: nn.Module, samples: dict[str, torch.Tensor], device: torch.device, fprs: Sequence[float]
+) -> dict[str, Any]:
+    """Same-person decisions on the full-length feature or code, whatever index ranks (see metrics.verification),
+    computed on the evaluation device: all query x gallery pairs cost as much as an exact ranking."""
+    retrieval = network.ranking_features(samples["features"]).to(device)
+    is_query, pids, camids = samples["is_query"], samples["pids"], samples["camids"]
+    return evaluate_verification(
+        retrieval[is_query],
+        retrieval[~is_query],
+        pids[is_query],
+        pids[~is_query],
+        camids[is_query],
+        camids[~is_query],
+        distance=network.distance,
+        targets=tuple(fprs),
+    )
+
+
+def timings(
+    network: nn.Module,
+    index: Any,
+    samples: dict[str, torch.Tensor],
+    preprocessing: Preprocessing,
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, Any]:
+    """The table's two timings, with what they were measured on: one forward pass of a batch (median), and the
+    search per query; the timing batch size and the device are recorded with them."""
+    height, width = preprocessing.image_size
     with torch.inference_mode():
-        inference_ms = time_inference(
-            model, height=size[0], width=size[1], device=torch_device, batch_size=timing_batch_size
-        )
-    row.update(
-        results,
-        inference_ms_per_batch64=inference_ms,
-        search_ms_per_query=time_search(index, features[is_query]),
-        device=describe_device(torch_device),
-    )
-    out_path = Path(out_path) if out_path is not None else Path(ckpt_path).with_name("metrics.json")
-    write_metrics(out_path, row)
-    # The summary starts on its own line, so its header and values stay aligned under the log prefix.
-    log.info("wrote %s:\n%s", out_path, format_summary(row))
-    return row
+        inference_ms = time_inference(network, height=height, width=width, device=device, batch_size=batch_size)
+    return {
+        "inference_ms_per_batch": inference_ms,
+        "timing_batch_size": batch_size,
+        "search_ms_per_query": time_search(index, samples["features"][samples["is_query"]]),
+        "device": describe_device(device),
+    }
 
 
 def target_metrics_path(metrics_path: str | Path, target: str) -> Path:
@@ -258,6 +299,7 @@ def evaluate_targets(
     checkpoint: LoadedCheckpoint | str | Path,
     datamodules: Mapping[str, ReIDDataModule],
     metrics_path: str | Path,
+    protocol: EvaluationProtocol | None = None,
     **options: Any,
 ) -> dict[str, dict[str, Any]]:
     """Evaluates a checkpoint on each named DataModule (cross-domain sets), one row each, by target name; a
@@ -265,7 +307,7 @@ def evaluate_targets(
 
     metrics.json keeps the row of the run's own dataset; each target's row goes to `target_metrics_path`.
     Each target uses its own query/gallery protocol; the classifier plays no part, so the number of training
-    identities does not matter. `options` are `evaluate_checkpoint`'s.
+    identities does not matter. `options` are `evaluate_checkpoint`'s keyword arguments.
     """
     if datamodules and not isinstance(checkpoint, LoadedCheckpoint):
         checkpoint = load_checkpoint(checkpoint)
@@ -273,7 +315,7 @@ def evaluate_targets(
     for name, datamodule in datamodules.items():
         datamodule.prepare_data()
         rows[name] = evaluate_checkpoint(
-            checkpoint, datamodule, out_path=target_metrics_path(metrics_path, name), **options
+            checkpoint, datamodule, protocol, out_path=target_metrics_path(metrics_path, name), **options
         )
     return rows
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agw_light.files import write_atomic, write_text_atomic
+from agw_light.protocol import FPR_TARGETS
 from agw_light.results import TABLE_ROWS, read_metrics, rerank_text, table_place
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ METRIC_COLUMNS = (
     "R1",
     "mAP",
     "mINP",
-    "inference_ms_per_batch64",
+    "inference_ms_per_batch",
+    "timing_batch_size",
     "search_ms_per_query",
     "device",
     "backbone",
@@ -59,7 +61,7 @@ METRIC_COLUMNS = (
     "checkpoint_sha256",
 )
 # Same-person verification columns (empty for rows written before verification existed).
-VERIFICATION_FPRS = (1e-4, 1e-3, 1e-2)
+VERIFICATION_FPRS = FPR_TARGETS
 VERIFICATION_COLUMNS = tuple(
     name for fpr in VERIFICATION_FPRS for name in (f"TPR@FPR={fpr:.0e}", f"threshold@FPR={fpr:.0e}")
 )
@@ -406,7 +408,7 @@ def _markdown_text(
                 f"{m['R1']:.3f}",
                 f"{m['mAP']:.3f}",
                 f"{m['mINP']:.3f}",
-                f"{format_ms(m['inference_ms_per_batch64'])} ms",
+                f"{format_ms(m['inference_ms_per_batch'])} ms",
                 f"{format_ms(m['search_ms_per_query'])} ms",
                 m["device"],
                 m.get("selection", "-"),

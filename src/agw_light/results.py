@@ -34,7 +34,8 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "num_query": (int,),
     "num_gallery": (int,),
     "num_valid_queries": (int,),
-    "inference_ms_per_batch64": (int, float),
+    "inference_ms_per_batch": (int, float),  # one forward pass of a batch of timing_batch_size images
+    "timing_batch_size": (int,),
     "search_ms_per_query": (int, float),
     "device": (str,),
 }
@@ -62,7 +63,9 @@ VERIFICATION_KEYS = ("target_fpr", "fpr", "tpr", "threshold")
 # "roc": the downsampled curve, three lists of equal length.
 ROC_KEYS = ("fpr", "tpr", "threshold")
 # The terminal's two-line summary of a row.
-SUMMARY_COLUMNS = ("feature_dim", "metric", "R1", "mAP", "mINP", "inference_ms_per_batch64", "search_ms_per_query")
+SUMMARY_COLUMNS = ("feature_dim", "metric", "R1", "mAP", "mINP", "inference_ms_per_batch", "search_ms_per_query")
+# Rows written before the timing batch became a setting name its (fixed) size in the key.
+LEGACY_TIMING_KEY, LEGACY_TIMING_BATCH = "inference_ms_per_batch64", 64
 # The seed table's rows by (light model, light feature, light search).
 TABLE_ROWS = {
     (False, False, False): 1,
@@ -87,6 +90,9 @@ def check_row(row: Any, source: str | Path) -> dict[str, Any]:
     well formed; else an error naming `source`."""
     if not isinstance(row, dict):
         raise ValueError(f"{source}: expected a JSON object of the table row, got {type(row).__name__}")
+    if LEGACY_TIMING_KEY in row and "inference_ms_per_batch" not in row:
+        row = {**row, "timing_batch_size": LEGACY_TIMING_BATCH, "inference_ms_per_batch": row[LEGACY_TIMING_KEY]}
+        del row[LEGACY_TIMING_KEY]
     for key, expected in FIELDS.items():
         _check_value(row.get(key), expected, key, source)
     _check_value(row.get("rerank", False), (bool,), "rerank", source)

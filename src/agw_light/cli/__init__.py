@@ -14,3 +14,16 @@ from pathlib import Path
 
 # The Hydra configs: the repository's top-level conf/, which the package links to and a wheel carries.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def register_configs() -> None:
+    """Registers the typed schemas of config groups (the `eval` section: `agw_light.protocol.EvaluationProtocol`,
+    its defaults in that one place) with Hydra's ConfigStore, where `eval: default` finds it."""
+    from hydra.core.config_store import ConfigStore
+
+    from agw_light.protocol import EvaluationProtocol
+
+    ConfigStore.instance().store(group="eval", name="default", node=EvaluationProtocol)
+
+
+register_configs()

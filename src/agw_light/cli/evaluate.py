@@ -22,7 +22,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # Imported here, not at the top, so that `--help` and `--cfg job` answer without loading torch.
     from pathlib import Path
 
-    from agw_light.builders import build_datamodule, evaluation_options, target_datamodules
+    from agw_light.builders import build_datamodule, evaluation_protocol, target_datamodules
     from agw_light.evaluation import evaluate_checkpoint, evaluate_targets
     from agw_light.files import is_json_object, refuse_foreign_output
     from agw_light.inference.checkpoint import load_checkpoint
@@ -32,15 +32,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     targets = target_datamodules(cfg)  # before any evaluation: a bad target name fails at once
     datamodule.prepare_data()
-    options = {
-        **evaluation_options(cfg),
-        "image_size": None if cfg.image_size is None else list(cfg.image_size),
-        "device": cfg.device,
-    }
+    protocol = evaluation_protocol(cfg)
+    options = {"image_size": None if cfg.image_size is None else list(cfg.image_size), "device": cfg.device}
     out_path = Path(cfg.out) if cfg.out is not None else Path(cfg.ckpt).with_name("metrics.json")
     checkpoint = load_checkpoint(cfg.ckpt)  # read once for every dataset
-    row = evaluate_checkpoint(checkpoint, datamodule, out_path=out_path, **options)
-    evaluate_targets(checkpoint, targets, out_path, **options)
+    row = evaluate_checkpoint(checkpoint, datamodule, protocol, out_path=out_path, **options)
+    evaluate_targets(checkpoint, targets, out_path, protocol, **options)
     return row
 
 

@@ -62,8 +62,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from agw_light.builders import (
         build_datamodule,
         build_module,
-        evaluation_options,
-        holdout_images,
+        evaluation_protocol,
         target_datamodules,
         trainer_arguments,
     )
@@ -82,7 +81,8 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         extra_callbacks.append(callback)
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = build_datamodule(cfg, holdout_images=holdout_images(cfg))
+    protocol = evaluation_protocol(cfg)
+    datamodule = build_datamodule(cfg, holdout_images=protocol.held_out_images())
     targets = target_datamodules(cfg)  # before training: a bad eval.targets entry fails at once
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -135,16 +135,17 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         return {}
     selected = next((selector.best_model_path for selector in selectors if selector.best_model_path), None)
     reported = selected or last.best_model_path
-    options = {**evaluation_options(cfg), "device": cfg.get("device", "auto")}
+    device = cfg.get("device", "auto")
     reported = load_checkpoint(reported)  # read once for every dataset
     row = evaluate_checkpoint(
         reported,
         datamodule,
+        protocol,
         selection="best val/mAP (held-out training ids)" if selected else "last epoch",
         out_path=out_dir / "metrics.json",
-        **options,
+        device=device,
     )
-    evaluate_targets(reported, targets, out_dir / "metrics.json", **options)  # cross-domain rows, if any
+    evaluate_targets(reported, targets, out_dir / "metrics.json", protocol, device=device)  # cross-domain rows
     return row
 
 

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from agw_light.metrics.distance import pairwise_distance, prepare_features
+from agw_light.protocol import FPR_TARGETS
 
-FPR_TARGETS = (1e-4, 1e-3, 1e-2)
 FLOAT_BINS = 1 << 16
 # Pairs counted per block: the block's distances and bin indices take 12 bytes a pair (48 MB).
 BLOCK_PAIRS = 1 << 22

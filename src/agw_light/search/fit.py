@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from agw_light.protocol import DEFAULT_TARGET_RECALL
 from agw_light.search.codes import as_words, code_bytes, gathered_hamming, hamming_distances
 from agw_light.search.index import GATHER_BYTES, RANKING_ENTRIES, CoarseToFineIndex, HammingIndex, pruning_plan
 
@@ -29,7 +30,7 @@ def fit_candidates(
     validation_queries: Any,
     *,
     validation_gallery: Any = None,
-    target_recall: float = 0.99,
+    target_recall: float = DEFAULT_TARGET_RECALL,
     k: int = 1,
 ) -> tuple[int, ...]:
     """Candidate counts per stage for `index`, fitted on validation codes without any label.

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agw_light.protocol import DEFAULT_TARGET_RECALL
 from agw_light.search.fit import fit_candidates
 from agw_light.search.index import CoarseToFineIndex, FloatIndex, HammingIndex
 
@@ -24,7 +25,7 @@ def build_index(
     metadata: Any = None,
     fit_queries: Any = None,
     fit_gallery: Any = None,
-    target_recall: float = 0.99,
+    target_recall: float = DEFAULT_TARGET_RECALL,
 ) -> FloatIndex | HammingIndex | CoarseToFineIndex:
     """The index a head calls for: float (no codes), exact Hamming (one code) or coarse-to-fine (pyramid).
 
