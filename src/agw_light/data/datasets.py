@@ -454,9 +454,17 @@ BUILT_IN_DATASETS = tuple(PARSERS)
 def register_dataset(name: str, parser: Parser, *, replace: bool = False) -> None:
     """Makes ``build_dataset(name, root, **kwargs)`` (and so ``dataset.name=<name>``) call ``parser(root, **kwargs)``.
 
-    The parser returns a `ReIDDataset`, best built with `ReIDDataset.from_samples`. Registering the same
-    function again (a module imported twice) is harmless; another parser under a taken name needs ``replace``,
-    and the built-in names cannot be taken.
+    Registering the same function again (a module imported twice) is harmless; another parser under a taken name
+    needs ``replace``, and the built-in names cannot be taken.
+
+    Args:
+        name: the dataset's name, as `build_dataset` and the config's ``dataset.name`` take it.
+        parser: ``parser(root, **kwargs) -> ReIDDataset``, best built with `ReIDDataset.from_samples`.
+        replace: allow another parser to take a name already registered.
+
+    Raises:
+        ValueError: an empty or built-in name, or a name taken by another parser without `replace`.
+        TypeError: a parser that is not callable.
     """
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"register_dataset needs a non-empty name without surrounding spaces, got {name!r}")

@@ -41,27 +41,35 @@ def build_model(
     neck_feat: str = "after",
     embedding_dim: int | None = None,
 ) -> ReIDModel:
-    """Builds AGW's network (ResNet last stride 1 + non-local + GeM + BNNeck) or a lighter variant.
+    """Builds AGW's network (ResNet last stride 1 + non-local + GeM + BNNeck) or a lighter or imported variant.
 
-    pretrained: "none" (random init), "imagenet" (torchvision IMAGENET1K_V1, needs internet once) or the path
-    of a ResNet state_dict. nonlocal_layers: non-local blocks per stage (layer1..layer4), after the stage's
-    last blocks; None picks the AGW authors' placement for the backbone ((0, 2, 3, 0) for resnet50, none for
-    resnet18/34). nonlocal_inter_channels: each block's inner width, 1 as in the AGW authors' code (the
-    published network) or "half" of its input channels (Wang et al.'s non-local design).
-    gem_learnable: AGW learns p, starting from gem_p.
-    neck: "bnneck" (float feature), "hash" (one binary code, light feature) or "pyramid" (codes of several
-    lengths, light search), or "plain" (no BNNeck: the pooled feature, a classifier with bias; torchreid's).
-    code_lengths: the code heads' lengths, longest first; None keeps the head's default (2048 bits for "hash",
-    2048..32 for "pyramid"); "hash" takes exactly one length.
-    distance: how retrieval compares the eval outputs; None picks the head's own (cosine for "bnneck",
-    hamming for the code heads), "euclidean" is the alternative for "bnneck".
+    Args:
+        backbone: "resnet18", "resnet34" or "resnet50".
+        num_classes: training identities (the ID classifier's outputs).
+        pretrained: "none" (random init), "imagenet" (torchvision IMAGENET1K_V1, downloaded once into the torch
+            hub cache) or the path of a ResNet state_dict (torchvision's or timm's .pth/.bin/.safetensors).
+        last_stride: the stride of layer4's first block (AGW: 1).
+        nonlocal_layers: non-local blocks per stage (layer1..layer4), after the stage's last blocks; None picks
+            the AGW authors' placement ((0, 2, 3, 0) for resnet50, none for resnet18/34).
+        nonlocal_inter_channels: each block's inner width, 1 as in the AGW authors' code (the published network)
+            or "half" of its input channels (Wang et al.'s design).
+        gem_p, gem_learnable: GeM's exponent (its start when learnable, as AGW learns it).
+        neck: "bnneck" (float feature), "hash" (one binary code, light feature), "pyramid" (codes of several
+            lengths, light search), or "plain" (no BNNeck: the pooled feature, a classifier with bias).
+        code_lengths: the code heads' lengths, longest first; None keeps the head's default (2048 bits for
+            "hash", 2048..32 for "pyramid"); "hash" takes exactly one length.
+        distance: how retrieval compares the eval outputs; None picks the head's own (cosine for float heads,
+            hamming for the code heads); "euclidean" is the alternative for float heads.
+        stem_relu: the ReLU after the stem's BatchNorm (torchvision's; the AGW authors' and reid-strong-baseline's
+            networks have none).
+        maxpool: "padded" (torchvision's MaxPool2d(3, 2, padding=1)) or "ceil" (fast-reid's, ceil_mode).
+        pooling: "gem" or "avg" (global average pooling).
+        neck_feat: for "bnneck", whether retrieval reads the feature "after" the BatchNorm or "before" it.
+        embedding_dim: for "plain", a linear + BatchNorm + ReLU embedding of that size after the pooling.
 
-    The options below reproduce networks of other frameworks (agw_light.convert); the defaults are AGW's as
-    agw_light trains it. stem_relu: the ReLU after the stem's BatchNorm (torchvision's; the AGW authors' and
-    reid-strong-baseline's networks have none). maxpool: "padded" (torchvision's MaxPool2d(3, 2, padding=1)) or
-    "ceil" (fast-reid's MaxPool2d(3, 2, ceil_mode=True)). pooling: "gem" or "avg" (global average pooling).
-    neck_feat: for "bnneck", whether retrieval reads the feature "after" the BatchNorm or "before" it.
-    embedding_dim: for "plain", a linear + BatchNorm + ReLU embedding of that size after the pooling.
+    Returns:
+        The `ReIDModel` (train mode, as torch builds modules). The options after `distance` reproduce networks of
+        other frameworks (agw_light.convert); their defaults are AGW's as agw_light trains it.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")

@@ -29,8 +29,18 @@ def build_index(
 ) -> FloatIndex | HammingIndex | CoarseToFineIndex:
     """The index a head calls for: float (no codes), exact Hamming (one code) or coarse-to-fine (pyramid).
 
-    `fit_queries` / `fit_gallery`: features of a validation query/gallery split (never test queries), used to
-    fit the coarse-to-fine candidate counts (see `fit_candidates`); only their codes are used, no label.
+    Args:
+        gallery_features: (N, D) eval outputs of the gallery (`agw_light.Encoder`'s): float features, or the
+            relaxed codes of every pyramid level side by side.
+        code_lengths: the model's `code_lengths` (None for a float feature).
+        metadata: `GalleryMetadata` (paths, pids, cameras) stored with the index, or None.
+        fit_queries, fit_gallery: outputs of a validation query/gallery split (never test queries), used to fit
+            the coarse-to-fine candidate counts (`fit_candidates`); only their codes are used, no label.
+        target_recall: the share of fit queries whose exact full-length top-1 the search must find.
+
+    Returns:
+        A `FloatIndex`, `HammingIndex` or `CoarseToFineIndex` holding the gallery (faiss-style ``search(queries,
+        k) -> (distances, indices)``).
     """
     features = gallery_features.float().numpy() if isinstance(gallery_features, torch.Tensor) else gallery_features
     features = np.ascontiguousarray(features, dtype=np.float32)
