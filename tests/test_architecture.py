@@ -216,5 +216,5 @@ def test_an_installed_wheel_finds_its_configs_from_an_empty_folder(tmp_path):
         env=environment,
     )
     assert job.returncode == 0, job.stderr
-    assert "name: search" in job.stdout and "neck: pyramid" in job.stdout and "sim_sd_32" in job.stdout
+    assert "name: search" in job.stdout and "neck: pyramid" in job.stdout and "per_level: shorter" in job.stdout
     assert not any(empty.iterdir())  # --cfg job prints the config and writes nothing

@@ -18,6 +18,7 @@ from agw_light.data.datasets import DatasetSource
 from agw_light.inference.checkpoint import read_checkpoint
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
+from agw_light.losses import expand_level_losses
 
 # Lightning accelerators that pick a CUDA GPU when there is one.
 CUDA_ACCELERATORS = ("auto", "gpu", "cuda")
@@ -258,11 +259,13 @@ def target_datamodules(cfg: DictConfig) -> dict[str, ReIDDataModule]:
 
 
 def loss_entries(cfg: DictConfig) -> list[dict]:
-    """The row's loss stack entries: `losses`, then `distill_losses` (rows 2 and 5)."""
-    return [
+    """The row's loss stack entries: `losses`, then `distill_losses` (rows 2 and 5), with the `per_level`
+    entries of a code pyramid (rows 4 and 5) written out for each of `model.code_lengths`."""
+    entries = [
         *OmegaConf.to_container(cfg.losses, resolve=True),
         *OmegaConf.to_container(cfg.distill_losses, resolve=True),
     ]
+    return expand_level_losses(entries, OmegaConf.to_container(cfg.model, resolve=True).get("code_lengths"))
 
 
 def build_module(cfg: DictConfig, num_classes: int) -> LitReID:
