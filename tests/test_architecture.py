@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "agw_light"
 REPO = PACKAGE_DIR.parents[1]
 # Lowest first: a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    ("helpers", ("agw_light.files", "agw_light.results")),
+    ("helpers", ("agw_light.files", "agw_light.results", "agw_light.checks")),
     (
         "library",
         (
