@@ -33,7 +33,7 @@ LAYERS = [
     ),
     # The package's own __init__ (matched exactly, not as a prefix) only exports `agw_light.Encoder`, lazily.
     ("inference", ("agw_light.inference", "agw_light")),
-    ("lightning", ("agw_light.lit", "agw_light.data.datamodule")),
+    ("lightning", ("agw_light.lit",)),
     ("apps", ("agw_light.evaluation", "agw_light.reporting", "agw_light.builders", "agw_light.service")),
     (
         "commands",
@@ -86,7 +86,7 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer_of(module: str) -> int:
-    """The highest layer whose prefix matches most specifically (data.datamodule is Lightning, data is library)."""
+    """The layer whose prefix matches most specifically (agw_light.search.__main__ is a command, search is library)."""
     best, best_length = None, -1
     for level, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:

@@ -13,9 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
-from agw_light.data.datamodule import ReIDDataModule
 from agw_light.data.datasets import DatasetSource
 from agw_light.inference.checkpoint import read_checkpoint
+from agw_light.lit.datamodule import ReIDDataModule
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
 from agw_light.losses import expand_level_losses

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from agw_light.data.datamodule import ReIDDataModule
 from agw_light.files import file_sha256
 from agw_light.inference import Encoder, pick_device
+from agw_light.lit.datamodule import ReIDDataModule
 from agw_light.lit.module import LitReID
 from agw_light.metrics import RankAccumulator, evaluate_retrieval, rerank_blocks
 from agw_light.metrics.rerank import check_rerank_settings
