@@ -48,6 +48,20 @@ def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
     return arguments
 
 
+def configured_callbacks(cfg: DictConfig) -> list:
+    """The extra Lightning callbacks of `callbacks` (each a Hydra `_target_` entry), checked to be Callbacks."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    callbacks = []
+    for entry in cfg.callbacks:
+        callback = instantiate(entry)
+        if not isinstance(callback, pl.Callback):
+            raise TypeError(f"callbacks: {entry.get('_target_')} made a {type(callback).__name__}, not a Callback")
+        callbacks.append(callback)
+    return callbacks
+
+
 def model_arguments(cfg: DictConfig) -> dict[str, Any]:
     """LitReID's `model`: build_model's arguments plus its `compile` and `channels_last` options, auto resolved
     here (on when the run trains on CUDA, where NHWC convolutions are faster; off on the CPU)."""
