@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "agw_light"
 REPO = PACKAGE_DIR.parents[1]
 # Lowest first: a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    ("helpers", ("agw_light.files", "agw_light.results", "agw_light.checks")),
+    ("helpers", ("agw_light.files", "agw_light.results", "agw_light.checks", "agw_light.runs")),
     (
         "library",
         (
@@ -34,7 +34,16 @@ LAYERS = [
     # The package's own __init__ (matched exactly, not as a prefix) only exports `agw_light.Encoder`, lazily.
     ("inference", ("agw_light.inference", "agw_light")),
     ("lightning", ("agw_light.lit",)),
-    ("apps", ("agw_light.evaluation", "agw_light.reporting", "agw_light.builders", "agw_light.service")),
+    (
+        "apps",
+        (
+            "agw_light.evaluation",
+            "agw_light.reporting",
+            "agw_light.builders",
+            "agw_light.service",
+            "agw_light.gallery_index",
+        ),
+    ),
     (
         "commands",
         (

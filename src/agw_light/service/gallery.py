@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agw_light.files import file_sha256
 from agw_light.inference import Encoder
 from agw_light.search import SearchIndex, load_index
+from agw_light.search.gallery import recorded_checkpoint
 
 # Pillow refuses images above this many pixels (a decompression bomb in a few kilobytes of PNG).
 MAX_QUERY_PIXELS = 40_000_000
@@ -143,29 +143,3 @@ class GallerySearch:
 
 def hit_json(hit: Hit) -> dict[str, Any]:
     return asdict(hit)
-
-
-def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[Path, tuple[int, int] | None]:
-    """(checkpoint, image size) recorded in the index's manifest, once the checkpoint's bytes are checked to
-    be the ones that built the index."""
-    record = index.record or {}
-    manifest = index_dir / "manifest.json"
-    if not record.get("ckpt") or not record.get("ckpt_sha256"):
-        raise ValueError(
-            f"{manifest}: records no checkpoint and SHA-256 (the index was not written by `python -m "
-            "agw_light.search build`): the service cannot know which model fills it; rebuild it with that command"
-        )
-    checkpoint = Path(record["ckpt"])
-    if not checkpoint.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {checkpoint}: not found; the index {index_dir} was built by it (SHA-256 "
-            f"{record['ckpt_sha256']}): restore that file or rebuild the index"
-        )
-    actual = file_sha256(checkpoint)
-    if actual != record["ckpt_sha256"]:
-        raise ValueError(
-            f"checkpoint {checkpoint}: SHA-256 {actual}, but the index {index_dir} was built by a checkpoint with "
-            f"SHA-256 {record['ckpt_sha256']}; its outputs would not match the index: rebuild the index"
-        )
-    size = record.get("image_size")
-    return checkpoint, (int(size[0]), int(size[1])) if size else None
