@@ -369,3 +369,16 @@ def test_rows_4_and_5_build_the_hand_written_loss_stack(dataset):
         assert [(type(a), vars(a).get("temperature")) for a in built.losses] == [
             (type(b), vars(b).get("temperature")) for b in reference.losses
         ]
+
+
+def test_other_code_lengths_need_no_loss_edit(compose_config):
+    """light=search with model.code_lengths changed: the loss stack follows the new levels, and a step runs."""
+    cfg = compose_config(
+        "light=search", "model.code_lengths=[64,16]", "model.backbone=resnet18", "model.pretrained=none"
+    )
+    entries = loss_entries(cfg)
+    assert [entry["name"] for entry in entries] == ["ce_64", "ce_16", "wrt_64", "wrt_16", "prob_sd_16", "sim_sd_16"]
+    assert [entry.get("target") for entry in entries[-2:]] == ["logits_64", "codes_64"]
+    module = LitReID(model=dict(cfg.model), losses=entries, num_classes=4).train()
+    total, values = module.loss_stack(module.model(images()), {"pids": torch.tensor([0, 0, 1, 1])})
+    assert math.isfinite(total.item()) and set(values) == {entry["name"] for entry in entries}
