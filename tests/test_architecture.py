@@ -19,7 +19,17 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "agw_light"
 REPO = PACKAGE_DIR.parents[1]
 # Lowest first: a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    ("helpers", ("agw_light.files", "agw_light.results", "agw_light.images", "agw_light.protocol")),
+    (
+        "helpers",
+        (
+            "agw_light.files",
+            "agw_light.results",
+            "agw_light.images",
+            "agw_light.protocol",
+            "agw_light.checks",
+            "agw_light.runs",
+        ),
+    ),
     (
         "library",
         (
@@ -34,8 +44,17 @@ LAYERS = [
     # The package's own __init__ (matched exactly, not as a prefix) only exports `agw_light.Encoder`, lazily.
     # agw_light.convert reads other frameworks' files into agw_light checkpoints (models + inference.checkpoint).
     ("inference", ("agw_light.inference", "agw_light", "agw_light.convert")),
-    ("lightning", ("agw_light.lit", "agw_light.data.datamodule")),
-    ("apps", ("agw_light.evaluation", "agw_light.reporting", "agw_light.builders", "agw_light.service")),
+    ("lightning", ("agw_light.lit",)),
+    (
+        "apps",
+        (
+            "agw_light.evaluation",
+            "agw_light.reporting",
+            "agw_light.builders",
+            "agw_light.service",
+            "agw_light.gallery_index",
+        ),
+    ),
     (
         "commands",
         (
@@ -88,7 +107,7 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer_of(module: str) -> int:
-    """The highest layer whose prefix matches most specifically (data.datamodule is Lightning, data is library)."""
+    """The layer whose prefix matches most specifically (agw_light.search.__main__ is a command, search is library)."""
     best, best_length = None, -1
     for level, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
@@ -218,5 +237,5 @@ def test_an_installed_wheel_finds_its_configs_from_an_empty_folder(tmp_path):
         env=environment,
     )
     assert job.returncode == 0, job.stderr
-    assert "name: search" in job.stdout and "neck: pyramid" in job.stdout and "sim_sd_32" in job.stdout
+    assert "name: search" in job.stdout and "neck: pyramid" in job.stdout and "per_level: shorter" in job.stdout
     assert not any(empty.iterdir())  # --cfg job prints the config and writes nothing

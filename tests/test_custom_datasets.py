@@ -552,7 +552,7 @@ def test_byte_identical_images_across_splits_are_warned_about_and_can_be_dropped
     before it is ranked. Setup warns with the counts and the first pairs; drop_duplicates removes them."""
     import logging
 
-    from agw_light.data.datamodule import ReIDDataModule
+    from agw_light.lit.datamodule import ReIDDataModule
     from agw_light.data.duplicates import find_duplicates
 
     for shade, name in enumerate(["q", "g1", "g2", "t1", "t2", "t3"]):
@@ -576,7 +576,7 @@ def test_byte_identical_images_across_splits_are_warned_about_and_can_be_dropped
 
     for drop in (False, True):
         module = ReIDDataModule("image_list", str(tmp_path), num_workers=0, drop_duplicates=drop)
-        with caplog.at_level(logging.WARNING, logger="agw_light.data.datamodule"):
+        with caplog.at_level(logging.WARNING, logger="agw_light.lit.datamodule"):
             caplog.clear()
             module.setup("fit")
         warning = caplog.text

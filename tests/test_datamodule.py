@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from agw_light.data.datamodule import ReIDDataModule
 from agw_light.data.samplers import PKSampler
 from agw_light.data.transforms import (
     IMAGENET_MEAN,
@@ -20,6 +19,7 @@ from agw_light.data.transforms import (
     build_test_transform,
     build_train_transform,
 )
+from agw_light.lit.datamodule import ReIDDataModule
 
 HEIGHT, WIDTH = 32, 16
 TINY = {"num_ids": 8, "num_cams": 2, "images_per_id_cam": 3, "height": HEIGHT, "width": WIDTH}

@@ -15,9 +15,10 @@ import pytest
 import torch
 from conftest import TINY_DATA, assert_same_training_state
 
-from agw_light.cli.train import LOCK_NAME, train
+from agw_light.cli.train import train
 from agw_light.files import FolderLocked, hold_folder_lock
 from agw_light.lit.checkpointing import AtomicCheckpointIO, StopOnSignal, TrainingInterrupted
+from agw_light.runs import LOCK_NAME
 
 # Three epochs of four batches, validated after the second only: last.ckpt must not wait for validation.
 DRILL = [

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ONE_EPOCH
 
+from agw_light.builders import loss_entries
 from agw_light.cli.train import train
 from agw_light.inference.checkpoint import load_checkpoint
 from agw_light.lit.module import LitReID
@@ -234,7 +235,7 @@ def test_pyramid_validation_ranks_by_the_full_length_code():
 
 
 def _kd_entries(cfg) -> list[dict]:
-    return [dict(term) for term in [*cfg.losses, *cfg.distill_losses] if term.name.startswith("kd")]
+    return [term for term in loss_entries(cfg) if term["name"].startswith("kd")]
 
 
 def test_row_configs_compose_into_modules(compose_config):
@@ -245,14 +246,14 @@ def test_row_configs_compose_into_modules(compose_config):
     search = compose_config("light=search")
     assert search.model.neck == "pyramid" and list(search.model.code_lengths) == list(PYRAMID)
     by_type: dict[str, list] = {}
-    for term in search.losses:
-        by_type.setdefault(term.type, []).append(term)
-    assert [t.output for t in by_type["cross_entropy"]] == [f"logits_{n}" for n in PYRAMID]
-    assert [t.output for t in by_type["weighted_triplet"]] == [f"features_{n}" for n in PYRAMID]
-    assert [(t.output, t.target, t.weight) for t in by_type["prob_self_distill"]] == [
+    for term in loss_entries(search):
+        by_type.setdefault(term["type"], []).append(term)
+    assert [t["output"] for t in by_type["cross_entropy"]] == [f"logits_{n}" for n in PYRAMID]
+    assert [t["output"] for t in by_type["weighted_triplet"]] == [f"features_{n}" for n in PYRAMID]
+    assert [(t["output"], t["target"], t["weight"]) for t in by_type["prob_self_distill"]] == [
         (f"logits_{n}", "logits_2048", 1.0) for n in PYRAMID[1:]
     ]
-    assert [(t.output, t.target, t.weight) for t in by_type["sim_self_distill"]] == [
+    assert [(t["output"], t["target"], t["weight"]) for t in by_type["sim_self_distill"]] == [
         (f"codes_{n}", "codes_2048", 1000.0) for n in PYRAMID[1:]
     ]
 
@@ -260,13 +261,11 @@ def test_row_configs_compose_into_modules(compose_config):
     model = compose_config("light=model", "light.teacher_ckpt=/some/row1.ckpt")
     assert everything.model.backbone == "resnet18" and everything.model.neck == "pyramid"
     assert _kd_entries(everything) == _kd_entries(model) != []
-    pyramid_terms = [dict(t) for t in everything.losses if not t.name.startswith("kd")]
-    assert pyramid_terms == [dict(t) for t in search.losses]
+    pyramid_terms = [t for t in loss_entries(everything) if not t["name"].startswith("kd")]
+    assert pyramid_terms == loss_entries(search)
 
     for cfg in (feat, search):
-        module = LitReID(
-            model=dict(cfg.model), losses=[dict(term) for term in cfg.losses], num_classes=8, distance=cfg.eval.distance
-        )
+        module = LitReID(model=dict(cfg.model), losses=loss_entries(cfg), num_classes=8, distance=cfg.eval.distance)
         assert module.model.head.code_lengths == tuple(cfg.model.code_lengths)
         assert module.model.distance == module.val_metric.distance == "hamming"  # the model's own
 
@@ -294,7 +293,7 @@ def test_tiny_training_run(row, dim, compose_config, tmp_path):
     if row == "search":  # coarse-to-fine rows also time the exact full-length scan they speed up
         assert result["exact_search_ms_per_query"] > 0 and 0.0 <= result["recall_at_1_of_exact"] <= 1.0
     logged = _logged_losses(tmp_path / "run/tensorboard")
-    assert set(logged) == {term.name for term in cfg.losses}  # every level's and every distillation term
+    assert set(logged) == {term["name"] for term in loss_entries(cfg)}  # every level's and every distillation term
     assert all(math.isfinite(value) for values in logged.values() for value in values)
     loaded = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert loaded.network(torch.zeros(1, 3, 64, 32)).shape == (1, dim)
@@ -310,3 +309,77 @@ def test_tiny_light_all_run_distils_into_a_pyramid_student(tiny_teacher, compose
     student = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt").network
     assert student.head.code_lengths == PYRAMID
     assert student(torch.zeros(1, 3, 64, 32)).shape == (1, 4064)
+
+
+# Rows 4 and 5's loss entries as conf/light/search.yaml wrote them out by hand before the builder generated
+# them from model.code_lengths: the generated stack must be exactly this one (names, order, weights, targets).
+HAND_WRITTEN_PYRAMID_LOSSES = """
+- {name: ce_2048, type: cross_entropy, weight: 1.0, output: logits_2048, epsilon: 0.1}
+- {name: ce_1024, type: cross_entropy, weight: 1.0, output: logits_1024, epsilon: 0.1}
+- {name: ce_512, type: cross_entropy, weight: 1.0, output: logits_512, epsilon: 0.1}
+- {name: ce_256, type: cross_entropy, weight: 1.0, output: logits_256, epsilon: 0.1}
+- {name: ce_128, type: cross_entropy, weight: 1.0, output: logits_128, epsilon: 0.1}
+- {name: ce_64, type: cross_entropy, weight: 1.0, output: logits_64, epsilon: 0.1}
+- {name: ce_32, type: cross_entropy, weight: 1.0, output: logits_32, epsilon: 0.1}
+- {name: wrt_2048, type: weighted_triplet, weight: 1.0, output: features_2048}
+- {name: wrt_1024, type: weighted_triplet, weight: 1.0, output: features_1024}
+- {name: wrt_512, type: weighted_triplet, weight: 1.0, output: features_512}
+- {name: wrt_256, type: weighted_triplet, weight: 1.0, output: features_256}
+- {name: wrt_128, type: weighted_triplet, weight: 1.0, output: features_128}
+- {name: wrt_64, type: weighted_triplet, weight: 1.0, output: features_64}
+- {name: wrt_32, type: weighted_triplet, weight: 1.0, output: features_32}
+- {name: prob_sd_1024, type: prob_self_distill, output: logits_1024, target: logits_2048, weight: 1.0}
+- {name: prob_sd_512, type: prob_self_distill, output: logits_512, target: logits_2048, weight: 1.0}
+- {name: prob_sd_256, type: prob_self_distill, output: logits_256, target: logits_2048, weight: 1.0}
+- {name: prob_sd_128, type: prob_self_distill, output: logits_128, target: logits_2048, weight: 1.0}
+- {name: prob_sd_64, type: prob_self_distill, output: logits_64, target: logits_2048, weight: 1.0}
+- {name: prob_sd_32, type: prob_self_distill, output: logits_32, target: logits_2048, weight: 1.0}
+- {name: sim_sd_1024, type: sim_self_distill, output: codes_1024, target: codes_2048, weight: 1000.0}
+- {name: sim_sd_512, type: sim_self_distill, output: codes_512, target: codes_2048, weight: 1000.0}
+- {name: sim_sd_256, type: sim_self_distill, output: codes_256, target: codes_2048, weight: 1000.0}
+- {name: sim_sd_128, type: sim_self_distill, output: codes_128, target: codes_2048, weight: 1000.0}
+- {name: sim_sd_64, type: sim_self_distill, output: codes_64, target: codes_2048, weight: 1000.0}
+- {name: sim_sd_32, type: sim_self_distill, output: codes_32, target: codes_2048, weight: 1000.0}
+"""
+HAND_WRITTEN_KD_LOSSES = """
+- {name: kd, type: kd_kl, weight: 1.0, output: logits, target: teacher_logits, temperature: 4.0}
+- {name: kd_sim, type: kd_similarity, weight: 0.0, output: bn_features, target: teacher_features}
+"""
+
+
+@pytest.mark.parametrize("dataset", ["market1501", "dukemtmcreid", "msmt17", "synthetic"])
+def test_rows_4_and_5_build_the_hand_written_loss_stack(dataset):
+    """The generated per-level entries are the 26 that light/search.yaml spelled out, in the same order, and
+    the loss stack built from them holds the same terms and loss modules."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+
+    from agw_light.cli import CONF_DIR
+
+    pyramid = yaml.safe_load(HAND_WRITTEN_PYRAMID_LOSSES)
+    distill = yaml.safe_load(HAND_WRITTEN_KD_LOSSES)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        search = compose("config", overrides=[f"dataset={dataset}", "light=search"])
+        everything = compose("config", overrides=[f"dataset={dataset}", "light=all", "light.teacher_ckpt=/t.ckpt"])
+    for cfg, expected in ((search, pyramid), (everything, [*pyramid, *distill])):
+        entries = loss_entries(cfg)
+        assert entries == expected
+        assert [list(entry) for entry in entries] == [list(entry) for entry in expected]  # key order too
+        built, reference = (build_loss_stack(specs, num_classes=5) for specs in (entries, expected))
+        assert built.terms == reference.terms
+        assert [(type(a), vars(a).get("temperature")) for a in built.losses] == [
+            (type(b), vars(b).get("temperature")) for b in reference.losses
+        ]
+
+
+def test_other_code_lengths_need_no_loss_edit(compose_config):
+    """light=search with model.code_lengths changed: the loss stack follows the new levels, and a step runs."""
+    cfg = compose_config(
+        "light=search", "model.code_lengths=[64,16]", "model.backbone=resnet18", "model.pretrained=none"
+    )
+    entries = loss_entries(cfg)
+    assert [entry["name"] for entry in entries] == ["ce_64", "ce_16", "wrt_64", "wrt_16", "prob_sd_16", "sim_sd_16"]
+    assert [entry.get("target") for entry in entries[-2:]] == ["logits_64", "codes_64"]
+    module = LitReID(model=dict(cfg.model), losses=entries, num_classes=4).train()
+    total, values = module.loss_stack(module.model(images()), {"pids": torch.tensor([0, 0, 1, 1])})
+    assert math.isfinite(total.item()) and set(values) == {entry["name"] for entry in entries}

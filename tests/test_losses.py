@@ -11,6 +11,7 @@ from agw_light.losses import (
     CrossEntropyLabelSmooth,
     WeightedRegularizedTriplet,
     build_loss_stack,
+    expand_level_losses,
     pairwise_euclidean,
 )
 
@@ -124,3 +125,39 @@ def test_stack_names_a_missing_model_output():
     stack = build_loss_stack([{"name": "kd", "type": "cross_entropy", "output": "teacher_logits"}], num_classes=4)
     with pytest.raises(KeyError, match="teacher_logits.*logits"):
         stack({"logits": torch.randn(2, 4)}, {"pids": torch.tensor([0, 1])})
+
+
+def test_per_level_entries_follow_the_code_lengths():
+    specs = [
+        {"name": "ce", "type": "cross_entropy", "output": "logits", "weight": 0.5, "per_level": "every"},
+        {"name": "wrt", "type": "weighted_triplet", "output": "features"},
+        {"name": "sd", "type": "prob_self_distill", "output": "logits", "target": "logits", "per_level": "shorter"},
+    ]
+    assert expand_level_losses(specs, [64, 16, 8]) == [
+        {"name": "ce_64", "type": "cross_entropy", "output": "logits_64", "weight": 0.5},
+        {"name": "ce_16", "type": "cross_entropy", "output": "logits_16", "weight": 0.5},
+        {"name": "ce_8", "type": "cross_entropy", "output": "logits_8", "weight": 0.5},
+        {"name": "wrt", "type": "weighted_triplet", "output": "features"},
+        {"name": "sd_16", "type": "prob_self_distill", "output": "logits_16", "target": "logits_64"},
+        {"name": "sd_8", "type": "prob_self_distill", "output": "logits_8", "target": "logits_64"},
+    ]
+    assert expand_level_losses(specs[1:2], None) == specs[1:2]  # nothing per level: no pyramid needed
+
+
+@pytest.mark.parametrize(
+    ("spec", "code_lengths", "match"),
+    [
+        ({"name": "ce", "output": "logits", "per_level": "each"}, [8], "per_level='each': expected one of"),
+        ({"name": "ce", "output": "logits", "per_level": "every"}, None, "no code lengths"),
+        ({"name": "sd", "output": "logits", "per_level": "shorter"}, [8, 4], r"missing key\(s\) \['target'\]"),
+    ],
+)
+def test_bad_per_level_entries_are_named(spec, code_lengths, match):
+    with pytest.raises(ValueError, match=match):
+        expand_level_losses([spec], code_lengths)
+
+
+def test_the_stack_refuses_entries_not_written_out_per_level():
+    spec = {"name": "ce", "type": "cross_entropy", "output": "logits", "per_level": "every"}
+    with pytest.raises(ValueError, match="expand_level_losses"):
+        build_loss_stack([spec], num_classes=4)

@@ -92,8 +92,8 @@ def test_blocks_smaller_than_the_query_set_give_the_same_distances():
         ({"lambda_value": 1.5}, "lambda_value=1.5"),
         ({"lambda_value": math.nan}, "lambda_value=nan"),
         ({"lambda_value": "0.3"}, "lambda_value='0.3'"),
-        ({"block_size": 0}, "block_size=0"),
-        ({"pair_budget": None}, "pair_budget=None"),
+        ({"block_size": 0}, "block_size must be a positive integer, got 0"),
+        ({"pair_budget": None}, "pair_budget must be a positive integer, got None"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(settings, message):

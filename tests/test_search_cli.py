@@ -164,8 +164,8 @@ def test_two_concurrent_builds_leave_one_consistent_index(gallery_folder, tmp_pa
     [
         (["find"], "unknown command 'find'"),
         (["build", "ckpt=a"], "missing gallery=..., out=..."),
-        (["query", "index=a", "image=b", "top=3"], r"unknown key\(s\) \['top'\]"),
-        (["query", "index"], "key=value"),
+        (["query", "index=a", "image=b", "top=3"], "query: Could not override 'top'"),
+        (["query", "index"], "query: Error parsing override 'index'"),
     ],
 )
 def test_bad_arguments_say_what_is_expected(argv, message):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agw_light.builders import build_datamodule, build_module, model_arguments, trainer_arguments
-from agw_light.data.datamodule import ReIDDataModule
+from agw_light.lit.datamodule import ReIDDataModule
 from agw_light.lit.module import LitReID
 
 
@@ -61,7 +61,7 @@ def test_evaluate_pins_memory_for_a_cuda_device_only(compose_config, monkeypatch
 
 def test_loader_workers_are_capped_at_the_available_cores(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    with caplog.at_level(logging.INFO, logger="agw_light.data.datamodule"):
+    with caplog.at_level(logging.INFO, logger="agw_light.lit.datamodule"):
         capped = ReIDDataModule(name="synthetic", root=str(tmp_path), num_workers=4)
     assert capped.num_workers == 2
     assert "num_workers=4 capped at the 2 CPU cores available" in caplog.text

@@ -77,6 +77,7 @@ def test_training_lowers_loss_and_raises_map(compose_config, tmp_path):
     assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_val_split_selects_on_held_out_training_identities(compose_config, tmp_path):
     """eval.select=val_split: identities leave training, validation scores them as val/*, the best is reported."""
     cfg = compose_config(

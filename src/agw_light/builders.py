@@ -14,11 +14,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
-from agw_light.data.datamodule import ReIDDataModule
 from agw_light.data.datasets import DatasetSource
 from agw_light.inference.checkpoint import architecture_differences, architecture_of, initialise_from, load_checkpoint
+from agw_light.lit.datamodule import ReIDDataModule
 from agw_light.lit.module import LitReID
 from agw_light.lit.teacher import resolve_teacher_checkpoint
+from agw_light.losses import expand_level_losses
 from agw_light.protocol import EvaluationProtocol, Rerank
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,20 @@ def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
         else:
             arguments["precision"] = "32-true"
     return arguments
+
+
+def configured_callbacks(cfg: DictConfig) -> list:
+    """The extra Lightning callbacks of `callbacks` (each a Hydra `_target_` entry), checked to be Callbacks."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    callbacks = []
+    for entry in cfg.callbacks:
+        callback = instantiate(entry)
+        if not isinstance(callback, pl.Callback):
+            raise TypeError(f"callbacks: {entry.get('_target_')} made a {type(callback).__name__}, not a Callback")
+        callbacks.append(callback)
+    return callbacks
 
 
 def model_arguments(cfg: DictConfig) -> dict[str, Any]:
@@ -250,11 +265,13 @@ def target_datamodules(cfg: DictConfig) -> dict[str, ReIDDataModule]:
 
 
 def loss_entries(cfg: DictConfig) -> list[dict]:
-    """The row's loss stack entries: `losses`, then `distill_losses` (rows 2 and 5)."""
-    return [
+    """The row's loss stack entries: `losses`, then `distill_losses` (rows 2 and 5), with the `per_level`
+    entries of a code pyramid (rows 4 and 5) written out for each of `model.code_lengths`."""
+    entries = [
         *OmegaConf.to_container(cfg.losses, resolve=True),
         *OmegaConf.to_container(cfg.distill_losses, resolve=True),
     ]
+    return expand_level_losses(entries, OmegaConf.to_container(cfg.model, resolve=True).get("code_lengths"))
 
 
 def build_module(cfg: DictConfig, num_classes: int, *, resumed: dict[str, Any] | None = None) -> LitReID:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from agw_light.data.datamodule import ReIDDataModule
 from agw_light.data.transforms import Preprocessing
 from agw_light.inference import Encoder, pick_device
 from agw_light.inference.checkpoint import LoadedCheckpoint, load_checkpoint
+from agw_light.lit.datamodule import ReIDDataModule
 from agw_light.metrics import RankAccumulator, evaluate_retrieval, rerank_blocks
 from agw_light.metrics.rerank import check_rerank_settings
 from agw_light.metrics.verification import evaluate_verification

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from agw_light.checks import is_integer
 from agw_light.images import open_rgb
 from agw_light.metrics.distance import pairwise_distance
 
@@ -72,7 +73,7 @@ def rank_queries(
         raise ValueError(f"g_pids and g_camids must have shape ({num_gallery},) like the gallery features")
     junk = protocol_junk(q_pids, q_camids, g_pids, g_camids)
     ranked_count = num_gallery - int(junk.sum(1).max()) if num_query else num_gallery
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= ranked_count:
+    if not is_integer(topk) or not 1 <= topk <= ranked_count:
         raise ValueError(
             f"topk={topk!r}: must be an integer in [1, {ranked_count}], the gallery images every query keeps "
             f"after the protocol removes its same-pid-same-camera images ({num_gallery} in the gallery)"

@@ -13,11 +13,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from agw_light.checks import is_integer
 from agw_light.cli import CONF_DIR
 
 
 def _check_count(name: str, value, available: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= available:
+    if not is_integer(value) or not 1 <= value <= available:
         raise ValueError(f"{name}={value!r}: expected an integer from 1 to {available} ({what})")
 
 

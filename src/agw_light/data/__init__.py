@@ -1,4 +1,5 @@
-"""Re-id datasets: real layouts, the generated default set, samplers, transforms and the DataModule."""
+"""Re-id datasets: real layouts, the generated default set, samplers and transforms (the DataModule that
+feeds them to Lightning is agw_light.lit.datamodule)."""
 
 from agw_light.data.datasets import (
     DatasetSource,

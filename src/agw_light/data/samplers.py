@@ -30,11 +30,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"PKSampler {name} must be a positive integer, got {value!r}")
-    return int(value)
+from agw_light.checks import is_integer, positive_int
 
 
 def _offsets_within_groups(group_sizes: np.ndarray) -> np.ndarray:
@@ -67,17 +63,17 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        num_instances = _positive_int(num_instances, "num_instances")
-        batch_size = _positive_int(batch_size, "batch_size")
-        num_replicas = _positive_int(num_replicas, "num_replicas")
+        num_instances = positive_int(num_instances, "PKSampler num_instances")
+        batch_size = positive_int(batch_size, "PKSampler batch_size")
+        num_replicas = positive_int(num_replicas, "PKSampler num_replicas")
         if batch_size % num_instances != 0:
             raise ValueError(
                 f"PKSampler batch_size={batch_size} must be a multiple of num_instances={num_instances} "
                 "(a batch is P identities x num_instances images)"
             )
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
+        if not is_integer(rank) or not 0 <= rank < num_replicas:
             raise ValueError(f"PKSampler rank must be an integer in [0, {num_replicas}), got {rank!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        if not is_integer(seed) or seed < 0:
             raise ValueError(f"PKSampler seed must be a non-negative integer, got {seed!r}")
         pid_array = np.asarray(pids)
         if pid_array.ndim != 1 or pid_array.size == 0 or not np.issubdtype(pid_array.dtype, np.integer):
@@ -123,7 +119,7 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's draw; Lightning calls this at the start of every training epoch."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        if not is_integer(epoch) or epoch < 0:
             raise ValueError(f"PKSampler epoch must be a non-negative integer, got {epoch!r}")
         self.epoch = int(epoch)
 

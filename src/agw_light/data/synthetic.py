@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import numbers
 import os
 import secrets
 import shutil
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from agw_light.checks import is_integer
 
 if TYPE_CHECKING:
     from PIL import Image, ImageDraw
@@ -105,7 +106,7 @@ class _CameraStyle:
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    if not is_integer(value):
         raise TypeError(f"generate_synthetic: {name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"

@@ -1,1 +1,1 @@
-"""Lightning glue: the LightningModule and the callbacks of a training run."""
+"""Lightning glue: the LightningModule, the DataModule and the callbacks of a training run."""

@@ -9,6 +9,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from agw_light.checks import is_integer
+
 
 def _numpy_state_to_plain(state: tuple) -> tuple:
     """NumPy's MT19937 state with its key as a list: Lightning loads checkpoints with weights_only=True,
@@ -69,7 +71,7 @@ class RankedListLogger(pl.Callback):
             ("topk", topk, 1),
             ("embedding_size", embedding_size, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not is_integer(value) or value < least:
                 raise ValueError(f"visualize.{name}={value!r}: expected an integer >= {least}")
         self.num_queries = num_queries
         self.topk = topk

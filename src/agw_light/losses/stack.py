@@ -79,11 +79,66 @@ class LossStack(nn.Module):
         return total, values
 
 
+# `per_level` of a loss entry: which levels of a code pyramid it is repeated for.
+PER_LEVEL = ("every", "shorter")
+
+
+def expand_level_losses(specs: Sequence[Mapping[str, Any]], code_lengths: Sequence[int] | None) -> list[dict]:
+    """The loss entries with each `per_level` entry written out for the levels of a code pyramid.
+
+    A code pyramid (`code_lengths`, longest first) names its outputs per level (`logits_2048`, `codes_32`), so
+    one entry stands for all levels: `per_level: every` repeats it for every level, and `per_level: shorter`
+    for every level but the longest, reading its `target` from the longest level (self-distillation: the
+    full-length code teaches the shorter ones). A repeated entry's `name` and `output` get the suffix
+    `_<bits>`; a `shorter` entry's `target` gets `_<longest bits>`. Entries keep their order, each one's
+    levels in `code_lengths` order; entries without `per_level` are kept as they are.
+
+    Args:
+        specs: loss entries as `build_loss_stack` takes them, some with `per_level: every | shorter`.
+        code_lengths: the model's code lengths, longest first (None or empty: no pyramid, and then no entry
+            may ask for `per_level`).
+
+    Returns:
+        New entries, none with `per_level`.
+    """
+    expanded = []
+    for position, spec in enumerate(specs):
+        options = dict(spec)
+        per_level = options.pop("per_level", None)
+        if per_level is None:
+            expanded.append(options)
+            continue
+        if per_level not in PER_LEVEL:
+            raise ValueError(f"losses[{position}].per_level={per_level!r}: expected one of {list(PER_LEVEL)}")
+        if not code_lengths:
+            raise ValueError(
+                f"losses[{position}] ({options.get('name')}) has per_level={per_level}, but the model has no code "
+                "lengths (model.code_lengths): per-level losses need a code pyramid head"
+            )
+        required = {"name", "output", "target"} if per_level == "shorter" else {"name", "output"}
+        missing = required - options.keys()
+        if missing:
+            raise ValueError(f"losses[{position}] = {dict(spec)}: missing key(s) {sorted(missing)}")
+        longest, *shorter = code_lengths
+        for bits in code_lengths if per_level == "every" else shorter:
+            level = {**options, "name": f"{options['name']}_{bits}", "output": f"{options['output']}_{bits}"}
+            if per_level == "shorter":
+                level["target"] = f"{options['target']}_{longest}"
+            expanded.append(level)
+    return expanded
+
+
 def build_loss_stack(specs: Sequence[Mapping[str, Any]], *, num_classes: int) -> LossStack:
-    """specs: [{name, type, weight, output[, target], **loss options}], e.g. from conf/light/<row>.yaml."""
+    """specs: [{name, type, weight, output[, target], **loss options}], e.g. from conf/light/<row>.yaml
+    (entries with `per_level` written out first by `expand_level_losses`)."""
     terms, losses = [], []
     for position, spec in enumerate(specs):
         options = dict(spec)
+        if "per_level" in options:
+            raise ValueError(
+                f"losses[{position}] ({options.get('name')}) has per_level={options['per_level']!r}: write its "
+                "levels out with agw_light.losses.expand_level_losses(specs, code_lengths) first"
+            )
         missing = {"name", "type", "output"} - options.keys()
         if missing:
             raise ValueError(f"losses[{position}] = {dict(spec)}: missing key(s) {sorted(missing)}")

@@ -18,6 +18,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 
+from agw_light.checks import is_integer
 from agw_light.metrics.distance import METRICS
 from agw_light.metrics.rank import evaluate_retrieval
 
@@ -41,7 +42,7 @@ class ReIDMetric(Metric):
         super().__init__(**kwargs)
         if distance not in METRICS:
             raise ValueError(f"ReIDMetric distance must be one of {METRICS}, got {distance!r}")
-        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < max(RANKS):
+        if not is_integer(max_rank) or max_rank < max(RANKS):
             raise ValueError(
                 f"ReIDMetric max_rank must be an integer >= {max(RANKS)} (R10 is reported), got {max_rank!r}"
             )

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agw_light.checks import positive_int
 from agw_light.metrics.distance import pairwise_distance, prepare_features
 
 # Distances per chunk of rows: bounds the chunk's float copy and its (rows x same-pid items) arrays.
@@ -122,8 +123,7 @@ class RankAccumulator:
     """
 
     def __init__(self, g_pids: Any, g_camids: Any, max_rank: int = 50, *, num_gallery: int | None = None) -> None:
-        if isinstance(max_rank, bool) or not isinstance(max_rank, int | np.integer) or max_rank < 1:
-            raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+        positive_int(max_rank, "max_rank")
         self.num_gallery = len(g_pids) if num_gallery is None else num_gallery
         self.max_rank = int(max_rank)
         self.g_pids = _as_ids(g_pids, "g_pids", self.num_gallery, "num_gallery")

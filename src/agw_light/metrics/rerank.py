@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from agw_light.checks import is_integer, is_number, positive_int
 from agw_light.metrics.distance import prepare_features
 
 DEFAULT_K1 = 20
@@ -63,21 +64,12 @@ def check_rerank_settings(
 ) -> None:
     """Raises a ValueError naming the setting (by `names`) unless k1, k2 >= 1 are integers and lambda in [0, 1]."""
     for value, name in zip((k1, k2), names[:2], strict=True):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name}={value!r}: expected an integer >= 1 (neighbours of the k-reciprocal re-ranking)")
-    if (
-        isinstance(lambda_value, bool)
-        or not isinstance(lambda_value, int | float | np.integer | np.floating)
-        or not 0 <= lambda_value <= 1
-    ):
+    if not is_number(lambda_value) or not 0 <= lambda_value <= 1:
         raise ValueError(
             f"{names[2]}={lambda_value!r}: expected a number in [0, 1] (the weight of the original distance)"
         )
-
-
-def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive integer")
 
 
 def rerank_blocks(
@@ -99,8 +91,8 @@ def rerank_blocks(
     Runs on the CPU.
     """
     check_rerank_settings(k1, k2, lambda_value)
-    _check_positive(block_size, "block_size")
-    _check_positive(pair_budget, "pair_budget")
+    positive_int(block_size, "block_size")
+    positive_int(pair_budget, "pair_budget")
     points = _prepared_points(query, gallery, metric)
     num_query = len(query)
     squared_norms = (points * points).sum(1)

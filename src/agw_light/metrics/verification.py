@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agw_light.checks import positive_int
 from agw_light.metrics.distance import pairwise_distance, prepare_features
 from agw_light.protocol import FPR_TARGETS
 
@@ -94,8 +95,7 @@ def pair_histograms(
     g_pids, g_camids = (
         _as_ids(ids, name, len(gallery), query.device) for ids, name in ((g_pids, "g_pids"), (g_camids, "g_camids"))
     )
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    positive_int(bins, "bins")
     if distance == "hamming":
         bins, upper = query.shape[1], float(query.shape[1])
     elif distance == "cosine":

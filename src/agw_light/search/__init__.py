@@ -5,7 +5,8 @@ packed uint8 codes, or float features (`FloatIndex`). faiss is imported when an 
 
 Modules: `codes` (packing, Hamming distances), `metadata` (what a result points at), `index` (the three
 index kinds), `fit` (coarse-to-fine candidate counts), `storage` (the on-disk format), `model_index` (the
-index a model's code lengths call for).
+index a model's code lengths call for), `gallery` (an image gallery's labels and the record of the model that
+filled an index, checked by whoever embeds queries for it).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from agw_light.checks import is_number, positive_int
 from agw_light.search import storage
 from agw_light.search.codes import (
     as_numpy,
@@ -77,7 +78,7 @@ class SearchIndex(abc.ABC):
         k must be a positive int (a bool is not; anything else raises ValueError). More than ntotal is not
         an error, so an empty index returns (num_queries, 0) arrays.
         """
-        return min(_positive_int(k, "k"), self.ntotal)
+        return min(positive_int(k, "k"), self.ntotal)
 
     @abc.abstractmethod
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +93,7 @@ class SearchIndex(abc.ABC):
         `FloatIndex`, bits for the Hamming ones) and the rule of `agw_light.metrics.verification`, so a threshold
         it reports applies as is.
         """
-        if isinstance(max_distance, bool) or not isinstance(max_distance, int | float | np.integer | np.floating):
+        if not is_number(max_distance):
             raise ValueError(f"max_distance must be a number, got {max_distance!r}")
         if np.isnan(max_distance):
             raise ValueError("max_distance must be a number, got nan")
@@ -153,7 +154,7 @@ class FloatIndex(SearchIndex):
         faiss = import_faiss()
 
         super().__init__()
-        self.d = _positive_int(d, "d")
+        self.d = positive_int(d, "d")
         self._index = faiss.IndexFlatIP(self.d)
 
     @property
@@ -212,7 +213,7 @@ class HammingIndex(SearchIndex):
     def __init__(self, d: int) -> None:
         """`d`: code length in bits."""
         super().__init__()
-        self.d = _positive_int(d, "d")
+        self.d = positive_int(d, "d")
         self._index = _binary_flat(self.d)
 
     @property
@@ -273,7 +274,7 @@ class CoarseToFineIndex(SearchIndex):
 
     def __init__(self, code_lengths: Sequence[int], candidates: Sequence[int] | None = None) -> None:
         super().__init__()
-        self.code_lengths = tuple(_positive_int(length, "code_lengths entry") for length in code_lengths)
+        self.code_lengths = tuple(positive_int(length, "code_lengths entry") for length in code_lengths)
         if not self.code_lengths or len(set(self.code_lengths)) != len(self.code_lengths):
             raise ValueError(f"code_lengths must be distinct positive ints, got {list(code_lengths)}")
         self.levels = tuple(sorted(self.code_lengths))
@@ -301,7 +302,7 @@ class CoarseToFineIndex(SearchIndex):
 
     @candidates.setter
     def candidates(self, value: Sequence[int]) -> None:
-        counts = tuple(_positive_int(count, "candidates entry") for count in value)
+        counts = tuple(positive_int(count, "candidates entry") for count in value)
         if len(counts) != len(self.levels) - 1:
             raise ValueError(
                 f"candidates needs {len(self.levels) - 1} counts (one per stage before the "
@@ -561,12 +562,6 @@ def _threads() -> int:
     faiss = import_faiss()
 
     return max(1, faiss.omp_get_max_threads())
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 _KINDS: dict[str, type[SearchIndex]] = {

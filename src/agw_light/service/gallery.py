@@ -21,8 +21,9 @@ from typing import Any
 
 from agw_light.images import FORMATS_TEXT, ImageTooLarge, open_rgb
 from agw_light.inference import Encoder
-from agw_light.inference.checkpoint import LoadedCheckpoint, load_checkpoint
+from agw_light.inference.checkpoint import load_checkpoint
 from agw_light.search import SearchIndex, load_index
+from agw_light.search.gallery import checkpoint_mismatch, recorded_checkpoint
 
 log = logging.getLogger(__name__)
 # The most pixels an upload is decoded to (conf/serve.yaml max_image_pixels): a person crop needs a few hundred
@@ -107,7 +108,11 @@ class GallerySearch:
         index = load_index(index_dir)
         if isinstance(concurrent_queries, bool) or not isinstance(concurrent_queries, int) or concurrent_queries < 1:
             raise ValueError(f"concurrent_queries={concurrent_queries!r}: expected a positive integer")
-        loaded, image_size = recorded_checkpoint(index, index_dir)
+        checkpoint, image_size = recorded_checkpoint(index, index_dir)
+        loaded = load_checkpoint(checkpoint)
+        mismatch = checkpoint_mismatch(index.record, checkpoint, loaded.sha256, index_dir)
+        if mismatch:
+            raise ValueError(f"{mismatch}: rebuild the index")
         encoder = Encoder.from_loaded(loaded, image_size=image_size, device=device, backend=backend)
         trained = None if loaded.preprocessing is None else loaded.preprocessing.image_size
         if image_size is not None and trained is not None and image_size != trained:
@@ -189,36 +194,3 @@ class GallerySearch:
 
 def hit_json(hit: Hit) -> dict[str, Any]:
     return asdict(hit)
-
-
-def recorded_checkpoint(index: SearchIndex, index_dir: Path) -> tuple[LoadedCheckpoint, tuple[int, int] | None]:
-    """(the loaded checkpoint, image size) recorded in the index's manifest, once the checkpoint's bytes are checked
-    to be the ones that built the index (the hash of the bytes loaded: the file is read once)."""
-    record = index.record or {}
-    manifest = index_dir / "manifest.json"
-    if not all(isinstance(record.get(key), str) and record[key] for key in ("ckpt", "ckpt_sha256")):
-        raise ValueError(
-            f"{manifest}: records no checkpoint and SHA-256 (the index was not written by `python -m "
-            "agw_light.search build`): the service cannot know which model fills it; rebuild it with that command"
-        )
-    checkpoint = Path(record["ckpt"])
-    if not checkpoint.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {checkpoint}: not found; the index {index_dir} was built by it (SHA-256 "
-            f"{record['ckpt_sha256']}): restore that file or rebuild the index"
-        )
-    loaded = load_checkpoint(checkpoint)
-    actual = loaded.sha256
-    if actual != record["ckpt_sha256"]:
-        raise ValueError(
-            f"checkpoint {checkpoint}: SHA-256 {actual}, but the index {index_dir} was built by a checkpoint with "
-            f"SHA-256 {record['ckpt_sha256']}; its outputs would not match the index: rebuild the index"
-        )
-    size = record.get("image_size")
-    if size is None:
-        return loaded, None
-    if not (
-        isinstance(size, list) and len(size) == 2 and all(type(side) is int and 0 < side <= 10_000 for side in size)
-    ):
-        raise ValueError(f"{manifest}: image_size {size!r} is not [height, width] in pixels (two positive integers)")
-    return loaded, (size[0], size[1])

@@ -1,0 +1,113 @@
+"""A saved gallery index's link to its images and to the model that filled it.
+
+An index built from images (`python -m agw_light.search build`) records the checkpoint that embedded them
+(absolute path and SHA-256) and the image size in its manifest. Whoever embeds queries for it (the search
+command, the service) must use that same model, or its outputs will not match the index: one check here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agw_light.search.index import SearchIndex
+
+# Market-1501 / DukeMTMC-reID style names: <pid>_c<camera>...
+REID_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+# Where agw_light before the record moved into the manifest kept the model, outside the atomic save.
+LEGACY_MODEL_RECORD = "model.json"
+
+
+def reid_labels(path: Path) -> tuple[int, int]:
+    """(pid, 0-based camera) from a Market/Duke-style file name, (-1, -1) when the name says nothing."""
+    match = REID_NAME.match(path.name)
+    return (int(match.group(1)), int(match.group(2)) - 1) if match else (-1, -1)
+
+
+def model_record(checkpoint: str | Path, sha256: str, image_size: tuple[int, int]) -> dict[str, Any]:
+    """The manifest's record of the model that embeds a gallery: absolute path, SHA-256 (of the bytes the model
+    was loaded from) and image size."""
+    return {"ckpt": str(Path(checkpoint).resolve()), "ckpt_sha256": sha256, "image_size": list(image_size)}
+
+
+def checkpoint_mismatch(
+    record: dict[str, Any], checkpoint: str | Path, actual: str, index_dir: str | Path
+) -> str | None:
+    """Why `checkpoint` (whose bytes hash to `actual`) is not the one recorded as having built the index, or None
+    when it is, or when the record names no SHA-256."""
+    recorded = record.get("ckpt_sha256")
+    if not recorded or actual == recorded:
+        return None
+    return (
+        f"checkpoint {checkpoint}: SHA-256 {actual}, but the index {index_dir} was built by a checkpoint with "
+        f"SHA-256 {recorded} ({record.get('ckpt')}); its outputs would not match the index"
+    )
+
+
+def check_no_legacy_record(index: SearchIndex, index_dir: str | Path) -> None:
+    """Refuses an index of an older agw_light, whose model record lay outside the atomic save."""
+    legacy = Path(index_dir) / LEGACY_MODEL_RECORD
+    if not index.record and legacy.is_file():
+        raise ValueError(
+            f"{legacy}: this index was built by an older agw_light, which kept the model record outside the "
+            "index (it may describe another build); rebuild it with `search build`"
+        )
+
+
+def recorded_checkpoint(index: SearchIndex, index_dir: str | Path) -> tuple[Path, tuple[int, int] | None]:
+    """(checkpoint, image size) recorded in the index's manifest; the caller loads the checkpoint once and checks
+    its hash with `checkpoint_mismatch`.
+
+    Args:
+        index: the loaded index (`load_index(index_dir)`).
+        index_dir: its folder, named in errors.
+
+    Returns:
+        The recorded checkpoint's path and image size (None when the record has none).
+    """
+    record = index.record or {}
+    manifest = Path(index_dir) / "manifest.json"
+    if not record.get("ckpt") or not record.get("ckpt_sha256"):
+        raise ValueError(
+            f"{manifest}: records no checkpoint and SHA-256 (the index was not written by `python -m "
+            "agw_light.search build`): the model that fills it is unknown; rebuild it with that command"
+        )
+    checkpoint = Path(record["ckpt"])
+    if not checkpoint.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint}: not found; the index {index_dir} was built by it (SHA-256 "
+            f"{record['ckpt_sha256']}): restore that file or rebuild the index"
+        )
+    size = record.get("image_size")
+    if size is None:
+        return checkpoint, None
+    if not (
+        isinstance(size, list) and len(size) == 2 and all(type(side) is int and 0 < side <= 10_000 for side in size)
+    ):
+        raise ValueError(f"{manifest}: image_size {size!r} is not [height, width] in pixels (two positive integers)")
+    return checkpoint, (size[0], size[1])
+
+
+def ranked_lists(
+    queries: Sequence[Path], distances: Any, indices: Any, gallery_paths: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """One {"query", "results": [{rank, index, distance, path}]} per query, nearest first; the -1 padding of a
+    search within a distance is left out."""
+    return [
+        {
+            "query": str(path),
+            "results": [
+                {
+                    "rank": rank + 1,
+                    "index": int(i),
+                    "distance": float(d),
+                    "path": gallery_paths[int(i)] if gallery_paths else None,
+                }
+                for rank, (d, i) in enumerate(zip(distances[row], indices[row], strict=True))
+                if i >= 0
+            ],
+        }
+        for row, path in enumerate(queries)
+    ]
