@@ -41,7 +41,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,9 @@ FORMAT = "agw_light.search.milvus"
 FORMAT_VERSION = 1
 # Largest k (search limit) and result window (query) Milvus serves in one request.
 MILVUS_MAX_K = 16384
-# Ids per `id in [...]` query: below the result window, which truncates larger answers silently.
-FETCH_IDS = 8192
+# Ids per `id in [...]` query: Milvus Lite answers long lists in time superlinear in their length (20 us
+# per id at 256, 35 at 1024, 760 at 8192 on 2 cores), and truncates answers beyond its result window.
+FETCH_IDS = 256
 # Bytes of vectors per insert request: well below gRPC's 64 MB message limit.
 INSERT_BYTES = 1 << 25
 PATH_MAX_BYTES = 4096
@@ -74,11 +75,12 @@ DEFAULT_INDEXES: dict[str, dict[str, dict[str, Any]]] = {
         "float": {"index_type": "HNSW", "params": {"M": 16, "efConstruction": 256}, "search_params": {"ef": 128}},
     },
 }
-# Search cost model for `fit_shortlist`, in ns per query, from Milvus Lite 2.5.1 on 2 cores (docs/benchmarks.md):
-# a BIN_FLAT scan costs this much per code byte scanned, and each shortlisted candidate this much per byte of
-# its full code fetched and ranked. Only the ratio matters.
-_SCAN_NS_PER_BYTE = 0.05
-_FETCH_NS_PER_BYTE = 8.0
+# Search cost model for `fit_shortlist`, ns per query, timed on Milvus Lite 2.5.1 at 100,000 items on 2 cores:
+# a BIN_FLAT scan costs 3.5 per item plus 0.08 per code byte (0.38 ms at 32 bits, 2.4 ms at 2048 bits),
+# and each shortlisted candidate about 28,000 (returned by the scan, ~8 us, then its full code fetched by id,
+# ~20 us). Only the ratios matter.
+_SCAN_NS_PER_ITEM, _SCAN_NS_PER_BYTE = 3.5, 0.08
+_CANDIDATE_NS = 28_000.0
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _HAMMING_PAD = np.iinfo(np.int32).max
 
@@ -426,50 +428,49 @@ def build_milvus_index(
 ) -> MilvusIndex:
     """A new collection holding a gallery, as `agw_light.search.build_index` builds the in-process one.
 
+    `gallery_features`: float features, or codes in any layout `MilvusIndex.add` takes (per-level packed too).
     The row kind follows `code_lengths` (None: float; one: Hamming; several: a pyramid). For a pyramid,
     `fit_queries` (validation codes, never test queries) and `fit_gallery` fit the shortlist with
     `fit_shortlist` on the gallery's codes in memory before the collection is made. Other arguments as for
     `MilvusIndex.create` and `MilvusIndex.add`.
     """
-    features = np.ascontiguousarray(as_numpy(gallery_features), dtype=np.float32)
     shortlist = None
     if code_lengths and len(code_lengths) > 1:
         if fit_queries is None or len(fit_queries) == 0:
             raise ValueError("a code pyramid needs validation queries (fit_queries) to fit its shortlist")
         local = CoarseToFineIndex(code_lengths)
-        local.add(features)
-        extra = None if fit_gallery is None else as_numpy(fit_gallery)
+        local.add(gallery_features)
         shortlist = fit_shortlist(
             local,
-            as_numpy(fit_queries),
-            milvus_search_cost(len(features), max(code_lengths)),
-            validation_gallery=extra,
+            fit_queries,
+            milvus_search_cost(local.ntotal),
+            validation_gallery=fit_gallery,
             target_recall=target_recall,
         )
     milvus_index = MilvusIndex.create(
         uri,
         collection,
         code_lengths=code_lengths,
-        dim=None if code_lengths else features.shape[1],
+        dim=None if code_lengths else as_numpy(gallery_features).shape[1],
         record=record,
         shortlist=shortlist,
         index=index,
         token=token,
     )
     try:
-        milvus_index.add(features, metadata, timestamps=timestamps)
+        milvus_index.add(gallery_features, metadata, timestamps=timestamps)
     except BaseException:
         milvus_index.close()
         raise
     return milvus_index
 
 
-def milvus_search_cost(ntotal: int, full_bits: int) -> Any:
+def milvus_search_cost(ntotal: int) -> Callable[[int, int], float]:
     """`cost(bits, candidates)` for `fit_shortlist`: a Milvus scan of `ntotal` codes of `bits` bits, then
     `candidates` full codes fetched and ranked in process (see the constants above)."""
 
     def cost(bits: int, candidates: int) -> float:
-        return ntotal * code_bytes(bits) * _SCAN_NS_PER_BYTE + candidates * code_bytes(full_bits) * _FETCH_NS_PER_BYTE
+        return ntotal * (_SCAN_NS_PER_ITEM + _SCAN_NS_PER_BYTE * code_bytes(bits)) + candidates * _CANDIDATE_NS
 
     return cost
 
