@@ -7,6 +7,7 @@ References are independent: the in-process faiss indexes, a brute-force Hamming 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -312,3 +313,36 @@ def test_importing_the_backend_does_not_import_pymilvus():
         text=True,
     )
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_bench_milvus_runs_at_a_tiny_size(tmp_path):
+    """scripts/bench_milvus.py end to end: every method measured, Milvus Lite exact finds the exact top-10."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "scripts" / "bench_milvus.py"), "--code-sizes", "600", "--float-size", "300"]
+    command += [
+        "--queries",
+        "8",
+        "--single",
+        "2",
+        "--validation",
+        "16",
+        "--validation-gallery",
+        "40",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(
+        command, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["method"] for row in rows] == [
+        "in-process exact",
+        "in-process coarse-to-fine",
+        "Milvus Lite exact",
+        "Milvus Lite coarse-to-fine",
+        "in-process exact (faiss IP)",
+        "Milvus Lite exact (FLAT IP)",
+    ]
+    assert all(row["build_s"] >= 0 and row["batched_ms"] > 0 and row["peak_mb"] > 0 for row in rows)
+    assert rows[2]["recall_top10"] == rows[5]["recall_top10"] == 1.0
