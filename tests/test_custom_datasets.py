@@ -552,8 +552,8 @@ def test_byte_identical_images_across_splits_are_warned_about_and_can_be_dropped
     before it is ranked. Setup warns with the counts and the first pairs; drop_duplicates removes them."""
     import logging
 
-    from agw_light.lit.datamodule import ReIDDataModule
     from agw_light.data.duplicates import find_duplicates
+    from agw_light.lit.datamodule import ReIDDataModule
 
     for shade, name in enumerate(["q", "g1", "g2", "t1", "t2", "t3"]):
         write_image(tmp_path / "img" / f"{name}.jpg", shade=30 * shade)

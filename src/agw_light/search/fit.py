@@ -7,7 +7,7 @@ are the survivors the search keeps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,60 @@ def fit_candidates(
     levels too weak to prune cheaply are skipped. Its validation recall@k is at least the aim. Both code
     arguments take the layouts `CoarseToFineIndex.add` takes. Assign the result to `index.candidates`.
     """
+    index, queries, targets, aim, gallery_size = _fit_problem(
+        index, validation_queries, validation_gallery, target_recall, k
+    )
+    k = targets.shape[1]  # clamped to the joint gallery
+    last = len(index.levels) - 1
+    best = (index.ntotal,) * last  # no pruning: the exact full-length scan
+    best_cost = _estimated_cost(index, best, k)
+    for first in range(last):
+        counts = _fit_from(index, queries, targets, first, aim, k, best_cost)
+        if counts is not None and _estimated_cost(index, counts, k) < best_cost:
+            best, best_cost = counts, _estimated_cost(index, counts, k)
+    return tuple(min(count, gallery_size) for count in best)
+
+
+def fit_shortlist(
+    index: CoarseToFineIndex,
+    validation_queries: Any,
+    cost: Callable[[int, int], float],
+    *,
+    validation_gallery: Any = None,
+    target_recall: float = 0.99,
+    k: int = 1,
+) -> tuple[int, int] | None:
+    """Two-stage search for a backend that scans one short code and ranks its candidates by the full code.
+
+    (level bits, candidate count) of the cheapest such search, or None when the exact full-length scan is
+    cheaper. For each level shorter than the longest, the count is fitted as `fit_candidates` fits a stage
+    (same validation codes and joint gallery, same one-standard-error aim above `target_recall`, same grid),
+    for a pyramid of that level and the full one only, since the backend skips the levels between. `cost(bits,
+    count)` estimates a search that scans the `bits`-bit codes and ranks `count` candidates, `cost(full bits,
+    0)` the exact scan; the backend supplies it (`agw_light.search.milvus` from timings of Milvus).
+    """
+    index, queries, targets, aim, gallery_size = _fit_problem(
+        index, validation_queries, validation_gallery, target_recall, k
+    )
+    k = targets.shape[1]  # clamped to the joint gallery
+    last = len(index.levels) - 1
+    best, best_cost = None, cost(index.levels[last], 0)
+    for stage in range(last):
+        pair = CoarseToFineIndex.from_stage_codes(
+            (index.levels[stage], index.levels[last]), [index.level_codes(stage), index.level_codes(last)]
+        )
+        counts = _fit_from(pair, [queries[stage], queries[last]], targets, 0, aim, k, np.inf)
+        count = min(counts[0], gallery_size)
+        if count < gallery_size and cost(index.levels[stage], count) < best_cost:
+            best, best_cost = (index.levels[stage], count), cost(index.levels[stage], count)
+    return best
+
+
+def _fit_problem(
+    index: CoarseToFineIndex, validation_queries: Any, validation_gallery: Any, target_recall: float, k: int
+) -> tuple[CoarseToFineIndex, list[np.ndarray], np.ndarray, float, int]:
+    """What both fits search: (the index joined by the validation gallery, the validation queries per stage,
+    their exact full-length top-k there (k clamped to its size), the recall to aim at, the index's own gallery size)."""
     if not 0.0 < target_recall <= 1.0:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
     queries = index.stage_codes(validation_queries, "validation_queries")
@@ -73,13 +127,7 @@ def fit_candidates(
     targets = exact.search(queries[last], k)[1]
     # One standard error of margin: recall on new queries scatters around the validation recall.
     aim = min(1.0, target_recall + np.sqrt(target_recall * (1.0 - target_recall) / targets.size))
-    best = (index.ntotal,) * last  # no pruning: the exact full-length scan
-    best_cost = _estimated_cost(index, best, k)
-    for first in range(last):
-        counts = _fit_from(index, queries, targets, first, aim, k, best_cost)
-        if counts is not None and _estimated_cost(index, counts, k) < best_cost:
-            best, best_cost = counts, _estimated_cost(index, counts, k)
-    return tuple(min(count, gallery_size) for count in best)
+    return index, queries, targets, aim, gallery_size
 
 
 def _fit_from(

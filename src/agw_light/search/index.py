@@ -54,10 +54,16 @@ RANKING_ENTRIES = 1 << 24
 _MIN_ROWS_PER_THREAD = 32
 
 
-class SearchIndex(abc.ABC):
-    """What every index kind shares: metadata bookkeeping, how k is clamped, saving and loading."""
+class GalleryIndex(abc.ABC):
+    """What every gallery index answers, in process or in a database: `search`, `search_within`, `items`.
+
+    `kind` says how items are compared ("float", "hamming", "coarse_to_fine") and `backend` where they live;
+    `metadata` is the in-process indexes' per-position list (None where items are addressed by id, as in
+    `agw_light.search.milvus.MilvusIndex`), while `items` answers for both.
+    """
 
     kind: ClassVar[str]
+    backend: ClassVar[str] = "in_process"
     d: int  # width of one item: features, bits, or the concatenated code pyramid
 
     def __init__(self) -> None:
@@ -93,13 +99,32 @@ class SearchIndex(abc.ABC):
         `FloatIndex`, bits for the Hamming ones) and the rule of `agw_light.metrics.verification`, so a threshold
         it reports applies as is.
         """
-        if not is_number(max_distance):
-            raise ValueError(f"max_distance must be a number, got {max_distance!r}")
-        if np.isnan(max_distance):
-            raise ValueError("max_distance must be a number, got nan")
-        distances, indices = self.search(queries, k)
-        beyond = distances > max_distance  # rows are sorted, so the padding is each row's tail
-        return np.where(beyond, np.inf, distances).astype(np.float32), np.where(beyond, -1, indices)
+        return within_distance(*self.search(queries, k), max_distance)
+
+    def items(self, indices: Any) -> GalleryMetadata:
+        """Path, person id and camera of the gallery items `indices` (what `search` returned, padding -1
+        left out), in the order given; an index without metadata, or an index out of range, is a LookupError."""
+        positions = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.metadata is None:
+            raise LookupError("the index holds no gallery metadata (built without paths, pids and cameras)")
+        unknown = positions[(positions < 0) | (positions >= len(self.metadata))]
+        if len(unknown):
+            raise LookupError(f"no gallery items {unknown[:5].tolist()}: the gallery holds 0 to {self.ntotal - 1}")
+        return self.metadata.take(positions.tolist())
+
+
+def within_distance(distances: np.ndarray, indices: np.ndarray, max_distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Search results with the hits beyond `max_distance` turned into padding (inf, -1); see `search_within`."""
+    if not is_number(max_distance):
+        raise ValueError(f"max_distance must be a number, got {max_distance!r}")
+    if np.isnan(max_distance):
+        raise ValueError("max_distance must be a number, got nan")
+    beyond = distances > max_distance  # rows are sorted, so the padding is each row's tail
+    return np.where(beyond, np.inf, distances).astype(np.float32), np.where(beyond, -1, indices)
+
+
+class SearchIndex(GalleryIndex):
+    """An in-process index: metadata bookkeeping, saving and loading (see `agw_light.search.storage`)."""
 
     def _attach_metadata(self, metadata: Any, added: int, previous: int) -> None:
         metadata = GalleryMetadata.coerce(metadata, added)

@@ -30,6 +30,12 @@ class GalleryMetadata:
     def __add__(self, other: GalleryMetadata) -> GalleryMetadata:
         return GalleryMetadata(self.paths + other.paths, self.pids + other.pids, self.camids + other.camids)
 
+    def take(self, positions: Sequence[int]) -> GalleryMetadata:
+        """The entries at `positions` (in range), in that order."""
+        return GalleryMetadata(
+            [self.paths[i] for i in positions], [self.pids[i] for i in positions], [self.camids[i] for i in positions]
+        )
+
     @classmethod
     def coerce(cls, value: GalleryMetadata | Mapping[str, Sequence] | None, count: int) -> GalleryMetadata | None:
         """`value` (GalleryMetadata or a mapping of paths, pids, camids), checked to hold `count` items."""
