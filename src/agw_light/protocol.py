@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from agw_light.checks import is_integer
+
 # The share of queries whose exact full-length top-1 the coarse-to-fine search must find (eval.target_recall).
 DEFAULT_TARGET_RECALL = 0.99
 # The false-positive rates at which same-person verification reports its TPR and threshold.
@@ -77,7 +79,7 @@ class EvaluationProtocol:
                 "val/mAP on training identities held out of training); a checkpoint is never chosen on the test split"
             )
         size = self.timing_batch_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_integer(size) or size < 1:
             raise ValueError(f"eval.timing_batch_size={self.timing_batch_size!r}: expected a positive integer")
 
     def held_out_images(self) -> int:

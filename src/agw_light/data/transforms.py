@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agw_light.checks import is_integer, is_number
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # How a test image is resized: bilinear (torchvision's default, agw_light's, ReID-Survey's, torchreid's) or bicubic
@@ -24,12 +26,12 @@ ERASING_RATIO = (0.3, 1 / 0.3)
 
 def _check_size(height: int, width: int) -> None:
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"transform {name} must be a positive integer, got {value!r}")
 
 
 def _check_probability(value: float, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_number(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"transform {name} must be a probability in [0, 1], got {value!r}")
 
 
@@ -49,7 +51,7 @@ def build_train_transform(
     _check_size(height, width)
     _check_probability(flip_p, "flip_p")
     _check_probability(erasing_p, "erasing_p")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+    if not is_integer(padding) or padding < 0:
         raise ValueError(f"transform padding must be a non-negative integer, got {padding!r}")
     return v2.Compose(
         [
@@ -86,7 +88,7 @@ def _channel_triple(value: Any, name: str, *, positive: bool) -> tuple[float, fl
         not isinstance(value, Sequence)
         or isinstance(value, str)
         or len(value) != 3
-        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)
+        or any(not is_number(v) or not math.isfinite(v) for v in value)
         or (positive and any(v <= 0 for v in value))
     ):
         kind = "positive " if positive else ""
@@ -107,11 +109,7 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         size = self.image_size
-        if (
-            not isinstance(size, Sequence)
-            or len(size) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
-        ):
+        if not isinstance(size, Sequence) or len(size) != 2 or any(not is_integer(v) or v < 1 for v in size):
             raise ValueError(f"image_size={size!r}: expected [height, width], two positive integers")
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
         object.__setattr__(self, "mean", _channel_triple(self.mean, "mean", positive=False))

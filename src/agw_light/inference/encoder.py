@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
+from agw_light.checks import is_integer
 from agw_light.data.transforms import Preprocessing
 from agw_light.images import list_image_files, open_rgb
 
@@ -296,7 +297,7 @@ class Encoder:
                 f"normalize=True: this encoder outputs relaxed hash codes (code_lengths={list(self.code_lengths)}), "
                 "which are compared by their signs (Hamming distance); L2 normalisation is for float features"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
         images = list_image_files(images) if isinstance(images, str | os.PathLike) else list(images)
         if not images:

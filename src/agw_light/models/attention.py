@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from agw_light.checks import is_integer
+
 
 class NonLocalBlock(nn.Module):
     """Adds to each position a learned mix of all positions' features: z = x + W(f(x) g(x) / N)."""
@@ -49,15 +51,11 @@ class NonLocalBlock(nn.Module):
 
 def inter_channel_count(in_channels: int, inter_channels: int | str) -> int:
     """The block's inner width: a positive count, or "half" of `in_channels` (Wang et al.'s choice)."""
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+    if not is_integer(in_channels) or in_channels < 1:
         raise ValueError(f"NonLocalBlock needs in_channels >= 1, got {in_channels!r}")
     if inter_channels == "half":
         return max(1, in_channels // 2)
-    if (
-        isinstance(inter_channels, bool)
-        or not isinstance(inter_channels, int)
-        or not 1 <= inter_channels <= in_channels
-    ):
+    if not is_integer(inter_channels) or not 1 <= inter_channels <= in_channels:
         raise ValueError(
             f"nonlocal_inter_channels={inter_channels!r}: expected 'half' or an integer between 1 and the "
             f"stage's {in_channels} channels (1: the AGW authors' network)"

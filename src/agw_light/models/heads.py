@@ -17,6 +17,7 @@ import itertools
 import torch
 from torch import nn
 
+from agw_light.checks import is_integer
 from agw_light.models.pooling import GeneralizedMeanPooling
 
 # Which BNNeck output a BNNeckHead returns for retrieval: after the BatchNorm (BoT, AGW, fast-reid) or before it
@@ -25,7 +26,7 @@ NECK_FEATS = ("after", "before")
 
 
 def _check_classes(head: nn.Module, num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_integer(num_classes) or num_classes < 1:
         raise ValueError(f"{type(head).__name__} needs num_classes >= 1 (training identities), got {num_classes!r}")
 
 
@@ -87,7 +88,7 @@ class PlainHead(nn.Module):
         self.pooling = GeneralizedMeanPooling() if pooling is None else pooling
         self.embedding = None
         if embedding_dim is not None:
-            if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+            if not is_integer(embedding_dim) or embedding_dim < 1:
                 raise ValueError(f"embedding_dim={embedding_dim!r}: expected a positive integer or null")
             self.embedding = nn.Sequential(
                 nn.Linear(in_channels, embedding_dim), nn.BatchNorm1d(embedding_dim), nn.ReLU(inplace=True)
