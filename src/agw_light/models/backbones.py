@@ -268,7 +268,8 @@ def load_backbone_state_dict(backbone: ResNetBackbone, state_dict: Mapping[str, 
     if problems:
         summary = "; ".join(problems)
         raise ValueError(f"pretrained weights {source} do not fit the {backbone.name} backbone: {summary}")
-    backbone.load_state_dict({key: value for key, value in state_dict.items() if key in own}, strict=False)
+    # The keys allowed to be absent keep their fresh values; everything else comes from the file (strict load).
+    backbone.load_state_dict({**own, **{key: value for key, value in state_dict.items() if key in own}}, strict=True)
 
 
 def key_list(keys: Sequence[str]) -> str:
