@@ -68,6 +68,7 @@ def bench_rows(sizes: dict, device: str, cache: str) -> dict:
 def inference(sizes: dict, device: torch.device, cache: str) -> dict:
     """Milliseconds per batch of every row's network, fp32 and half-precision autocast with channels_last."""
     from agw_light.evaluation import time_inference
+    from agw_light.inference.checkpoint import network_arguments
     from agw_light.models import build_model
 
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -75,9 +76,8 @@ def inference(sizes: dict, device: torch.device, cache: str) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         for row in ROW_NAMES:
-            kwargs = OmegaConf.to_container(bench_train.compose(args, row, Path(workdir)).model, resolve=True)
-            for option in ("channels_last", "compile"):  # LitReID's options, not the network's
-                kwargs.pop(option, None)
+            recorded = OmegaConf.to_container(bench_train.compose(args, row, Path(workdir)).model, resolve=True)
+            kwargs = network_arguments(recorded)  # build_model's arguments, without LitReID's training options
             model = build_model(num_classes=751, **kwargs)
             timings = {}
             for precision in ("fp32", "fp16"):
