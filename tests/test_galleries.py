@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,8 @@ from agw_light.data.synthetic import generate_synthetic  # noqa: E402
 from agw_light.files import file_sha256  # noqa: E402
 from agw_light.gallery_index import build_gallery_index  # noqa: E402
 from agw_light.lit.module import LitReID  # noqa: E402
+from agw_light.search import HammingIndex, hamming_reference, pack_codes  # noqa: E402
+from agw_light.search.filters import filtered_search  # noqa: E402
 from agw_light.search.gallery import reid_labels  # noqa: E402
 from agw_light.search.milvus import MilvusIndex  # noqa: E402
 from agw_light.service.app import create_app  # noqa: E402
@@ -171,6 +174,30 @@ def test_an_unreachable_server_is_one_line_naming_it(capsys, tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["serve", "backend=torch", f"hydra.run.dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit, match="backend='torch': expected in_process or milvus .*encoder_backend="):
         serve_main()
+
+
+@pytest.mark.parametrize(
+    ("cameras", "exclude_own"), [([1, 2], False), (None, True), ([0, 3], True), ([9], True), ([2], False)]
+)
+def test_in_process_camera_filters_give_the_brute_force_filtered_top_k(cameras, exclude_own):
+    rng = np.random.default_rng(2)
+    gallery, queries = rng.standard_normal((120, 48)), rng.standard_normal((9, 48))
+    gallery_cameras, query_cameras = rng.integers(0, 4, 120), rng.integers(0, 4, 9)
+    index = HammingIndex(48)
+    index.add(gallery, {"paths": [""] * 120, "pids": [0] * 120, "camids": gallery_cameras.tolist()})
+    own = query_cameras.tolist() if exclude_own else None
+    distances, found = filtered_search(index, queries, 10, cameras=cameras, query_cameras=own)
+    reference = hamming_reference(pack_codes(queries), pack_codes(gallery)).astype(np.float64)
+    allowed = np.repeat(np.isin(gallery_cameras, cameras if cameras is not None else np.arange(4))[None], 9, axis=0)
+    if exclude_own:
+        allowed &= gallery_cameras[None, :] != query_cameras[:, None]
+    reference = np.where(allowed, reference, np.inf)
+    expected = np.sort(reference, axis=1)[:, :10]
+    assert found.shape == (9, 10)
+    np.testing.assert_array_equal(np.where(found >= 0, distances, np.inf), expected)
+    kept = found >= 0
+    assert allowed[np.nonzero(kept)[0], found[kept]].all()
+    np.testing.assert_array_equal(np.take_along_axis(reference, np.where(kept, found, 0), 1)[kept], expected[kept])
 
 
 # The service.

@@ -97,7 +97,9 @@ def file_times(paths: Sequence[Path]) -> list[float]:
     return [Path(path).stat().st_mtime for path in paths]
 
 
-def milvus_index_settings(indexes: Mapping[str, Any] | None, uri: str, code_lengths: Sequence[int] | None):
+def milvus_index_settings(
+    indexes: Mapping[str, Any] | None, uri: str, code_lengths: Sequence[int] | None
+) -> dict[str, Any] | None:
     """The vector index of a new collection: `indexes[server kind][binary | float]` (conf/search/build.yaml's
     `milvus_index`), or None for the library's `DEFAULT_INDEXES`."""
     from agw_light.search.milvus import server_kind
@@ -131,7 +133,7 @@ def build_gallery_index(
     fit_queries: int = 1000,
     target_recall: float = DEFAULT_TARGET_RECALL,
     seed: int = 0,
-) -> tuple[str, GalleryIndex]:
+) -> tuple[Path | str, GalleryIndex]:
     """Embeds every image under `gallery` with the checkpoint's model and saves the index into `out` (or a new
     Milvus collection).
 
@@ -193,7 +195,7 @@ def build_gallery_index(
     index = build_index(
         features, code_lengths, metadata=metadata, fit_queries=features[np.sort(sample)], target_recall=target_recall
     )
-    return str(index.save(out, record=record)), index
+    return Path(index.save(out, record=record)), index
 
 
 def query_gallery_index(
@@ -241,6 +243,7 @@ def query_gallery_index(
     """
     from agw_light.search.filters import filtered_search
     from agw_light.search.gallery import open_gallery, ranked_lists, reid_labels
+    from agw_light.search.index import within_distance
 
     with _refusals():
         index, where = open_gallery(
@@ -266,13 +269,17 @@ def query_gallery_index(
                 )
         filters = {"cameras": cameras, "since": since, "until": until, "query_cameras": query_cameras}
         try:
-            distances, indices = filtered_search(index, features, int(topk), max_distance=max_distance, **filters)
+            distances, indices = filtered_search(index, features, int(topk), **filters)
         except ValueError as error:
-            detail = f"max_distance={max_distance!r}: " if "max_distance" in str(error) else ""
-            raise GalleryIndexError(f"{detail}{error}") from error
+            raise GalleryIndexError(str(error)) from error
+        if max_distance is not None:
+            try:
+                distances, indices = within_distance(distances, indices, max_distance)
+            except ValueError as error:
+                raise GalleryIndexError(f"max_distance={max_distance!r}: {error}") from error
         return ranked_lists(paths, distances, indices, _item_paths(index, indices))
     finally:
-        _close(index)
+        index.close()
 
 
 def _item_paths(index: GalleryIndex, indices: np.ndarray) -> dict[int, str] | None:
@@ -283,11 +290,6 @@ def _item_paths(index: GalleryIndex, indices: np.ndarray) -> dict[int, str] | No
     if index.backend == "in_process" and index.metadata is None:
         return None
     return dict(zip(found.tolist(), index.items(found).paths, strict=True))
-
-
-def _close(index: GalleryIndex) -> None:
-    if index.backend == "milvus":
-        index.close()
 
 
 def add_to_gallery(

@@ -69,8 +69,7 @@ def build(options: dict[str, Any]) -> None:
 
     out, index = build_gallery_index(**options)
     print(f"indexed {index.ntotal} images ({type(index).__name__}) into {out}")
-    if index.backend == "milvus":
-        index.close()
+    index.close()
 
 
 def query(options: dict[str, Any]) -> list[dict[str, Any]]:

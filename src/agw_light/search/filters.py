@@ -72,9 +72,9 @@ def _camera_filtered(
     if query_cameras is not None:
         own = np.asarray(query_cameras, dtype=np.int64).reshape(-1)
         kept_cameras, kept_counts = np.unique(gallery_cameras[kept], return_counts=True)
-        at = np.minimum(np.searchsorted(kept_cameras, own), max(len(kept_cameras) - 1, 0))
-        own_counts = np.where((len(kept_cameras) > 0) & (kept_cameras[at] == own), kept_counts[at], 0)
-        removed = removed + own_counts
+        if len(kept_cameras):  # each query also loses the kept items of its own camera
+            at = np.minimum(np.searchsorted(kept_cameras, own), len(kept_cameras) - 1)
+            removed = removed + np.where(kept_cameras[at] == own, kept_counts[at], 0)
     depth = min(index.ntotal, columns + int(removed.max()))
     distances, indices = index.search(queries, max(depth, 1))
     if own is not None and len(own) != len(indices):

@@ -163,8 +163,7 @@ class GallerySearch:
     def close(self) -> None:
         """Stops the embedding threads and drops a Milvus connection."""
         self._embedding.shutdown()
-        if self.writable:
-            self.index.close()
+        self.index.close()
 
     @property
     def writable(self) -> bool:
