@@ -35,6 +35,13 @@ ONE_EPOCH = [
 
 
 @pytest.fixture(scope="session")
+def lite_uri(tmp_path_factory) -> str:
+    """One Milvus Lite file for the session (pymilvus starts one local server process per file): tests make
+    collections of their own in it."""
+    return str(tmp_path_factory.mktemp("milvus") / "gallery.db")
+
+
+@pytest.fixture(scope="session")
 def synthetic_cache(tmp_path_factory) -> Path:
     """One generated-dataset cache for the whole session, so each tiny set is drawn once."""
     return tmp_path_factory.mktemp("synthetic-cache")

@@ -1,6 +1,7 @@
 """MilvusIndex on Milvus Lite: same answers as the in-process exact indexes, filters, live writes, refusals.
 
-One Milvus Lite file (one local server process) serves the whole session; each test makes its own collections.
+One Milvus Lite file (one local server process, conftest's `lite_uri`) serves the whole session; each test makes
+its own collections.
 References are independent: the in-process faiss indexes, a brute-force Hamming count, numpy masks.
 """
 
@@ -25,11 +26,6 @@ from agw_light.search.milvus import MilvusIndex, build_milvus_index
 
 REPO = Path(__file__).resolve().parents[1]
 _names = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def lite_uri(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("milvus") / "gallery.db")
 
 
 @pytest.fixture

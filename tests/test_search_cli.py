@@ -163,7 +163,7 @@ def test_two_concurrent_builds_leave_one_consistent_index(gallery_folder, tmp_pa
     ("argv", "message"),
     [
         (["find"], "unknown command 'find'"),
-        (["build", "ckpt=a"], "missing gallery=..., out=..."),
+        (["build", "ckpt=a"], "missing gallery=..."),
         (["query", "index=a", "image=b", "top=3"], "query: Could not override 'top'"),
         (["query", "index"], "query: Error parsing override 'index'"),
     ],

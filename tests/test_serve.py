@@ -149,6 +149,8 @@ def test_health_reports_the_index_and_its_checkpoint(built, client):
         "size": len(list(built[0].glob("*.jpg"))),
         "dimension": 512,
         "index_kind": "float",
+        "backend": "in_process",
+        "writable": False,
         "distance": "cosine",
         "checkpoint_sha256": file_sha256(ckpt),
         "image_size": [32, 16],
@@ -399,6 +401,8 @@ def test_faiss_padding_is_no_hit(gallery):
 
     class PaddedIndex:
         metadata = gallery.index.metadata
+        backend = "in_process"
+        items = gallery.index.items
 
         def search(self, features, k):
             return np.array([[0.1, 0.2, np.inf, np.inf]]), np.array([[3, 0, -1, -1]])
@@ -412,7 +416,7 @@ def test_faiss_padding_is_no_hit(gallery):
 
 def serve_error(index_dir: Path, tmp_path: Path, monkeypatch) -> str:
     """What `python -m agw_light.serve index=<index_dir>` exits with (run in this process)."""
-    argv = ["serve", f"index={index_dir}", "backend=torch", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    argv = ["serve", f"index={index_dir}", "encoder_backend=torch", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exited:
         serve_main()

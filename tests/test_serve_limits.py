@@ -45,7 +45,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, int, int]]:
         f"index={index_dir}",
         f"port={port}",
         "device=cpu",
-        "backend=torch",
+        "encoder_backend=torch",
         f"max_upload_bytes={MAX_UPLOAD}",
         f"header_timeout_s={TIMEOUT_S}",
         f"body_timeout_s={TIMEOUT_S}",

@@ -10,24 +10,48 @@ the data, and the gallery paths are absolute, so the index answers from any fold
 
 `query` embeds the query images with the model recorded at build time (or another checkpoint) and refuses one whose
 SHA-256 differs from the recorded one unless told to allow it. Checkpoints are read with `weights_only=True`: a file
-holding code is refused, the code never runs.
+holding code is refused, the code never runs. A query may filter the gallery: only some cameras, only images taken
+in a time window (Milvus), not the query's own camera (`agw_light.search.filters`).
+
+With `backend="milvus"` the gallery is a Milvus collection (`uri`: a Milvus Lite file or a server address,
+`collection`, `token`) instead of a folder, with the same record and the same result format (`index` is then
+the item's Milvus id). Such a gallery is live: `add_to_gallery` embeds more images with the recorded model
+(another model is refused, naming both), `delete_from_gallery` removes items by id or path. Each image's
+timestamp is its file's modification time unless given.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agw_light.protocol import DEFAULT_TARGET_RECALL
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from agw_light.inference.checkpoint import LoadedCheckpoint
-    from agw_light.search import SearchIndex
+    from agw_light.search import GalleryMetadata
+    from agw_light.search.index import GalleryIndex
 
 
 class GalleryIndexError(ValueError):
     """A request the index or its model cannot answer, with what to do instead (the command prints it)."""
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """The gallery's refusals (unreachable server, unknown collection or item, another model, a failed write)
+    as GalleryIndexError, whose one line the commands print."""
+    try:
+        yield
+    except (ConnectionError, LookupError, ValueError, RuntimeError, FileNotFoundError, FileExistsError) as error:
+        if isinstance(error, GalleryIndexError):
+            raise
+        raise GalleryIndexError(str(error)) from error
 
 
 def load_model(checkpoint: str | Path) -> LoadedCheckpoint:
@@ -59,11 +83,49 @@ def embed_images(
     return encoder.encode_files(Path(location).expanduser(), batch_size=batch_size, progress=True)
 
 
+def gallery_metadata(paths: Sequence[Path]) -> GalleryMetadata:
+    """Paths, pids and cameras of gallery images (labels from Market- or Duke-style names, else -1)."""
+    from agw_light.search import GalleryMetadata
+    from agw_light.search.gallery import reid_labels
+
+    labels = [reid_labels(path) for path in paths]
+    return GalleryMetadata([str(p) for p in paths], [pid for pid, _ in labels], [cam for _, cam in labels])
+
+
+def file_times(paths: Sequence[Path]) -> list[float]:
+    """When each image was taken, as far as a file tells: its modification time (seconds since the epoch)."""
+    return [Path(path).stat().st_mtime for path in paths]
+
+
+def milvus_index_settings(
+    indexes: Mapping[str, Any] | None, uri: str, code_lengths: Sequence[int] | None
+) -> dict[str, Any] | None:
+    """The vector index of a new collection: `indexes[server kind][binary | float]` (conf/search/build.yaml's
+    `milvus_index`), or None for the library's `DEFAULT_INDEXES`."""
+    from agw_light.search.milvus import server_kind
+
+    if indexes is None:
+        return None
+    kind, rows = server_kind(uri), "binary" if code_lengths else "float"
+    try:
+        return dict(indexes[kind][rows])
+    except (KeyError, TypeError):
+        raise GalleryIndexError(
+            f"milvus_index has no {kind}.{rows} entry (index_type, params, search_params)"
+        ) from None
+
+
 def build_gallery_index(
     ckpt: str | Path,
     gallery: str | Path,
-    out: str | Path,
+    out: str | Path | None = None,
     *,
+    backend: str = "in_process",
+    uri: str | None = None,
+    collection: str | None = None,
+    token: str | None = None,
+    timeout: float = 10.0,
+    milvus_index: Mapping[str, Any] | None = None,
     device: str = "auto",
     batch_size: int = 128,
     height: int | None = None,
@@ -71,13 +133,17 @@ def build_gallery_index(
     fit_queries: int = 1000,
     target_recall: float = DEFAULT_TARGET_RECALL,
     seed: int = 0,
-) -> tuple[Path, SearchIndex]:
-    """Embeds every image under `gallery` with the checkpoint's model and saves the index into `out`.
+) -> tuple[Path | str, GalleryIndex]:
+    """Embeds every image under `gallery` with the checkpoint's model and saves the index into `out` (or a new
+    Milvus collection).
 
     Args:
         ckpt: the training checkpoint whose model embeds the gallery (recorded in the index).
         gallery: an image folder (searched recursively) or one image.
-        out: the index folder to write.
+        out: the index folder to write (backend "in_process").
+        backend: "in_process" (a folder) or "milvus" (a new collection `collection` at `uri`, `token` for a
+            secured server, `timeout` seconds to reach it; `milvus_index` the vector index per server kind,
+            see `milvus_index_settings`).
         device: where to embed (auto | cpu | cuda | cuda:N).
         batch_size: images embedded at once.
         height, width: the image size; None: the one the checkpoint records.
@@ -86,35 +152,61 @@ def build_gallery_index(
         seed: draws that sample.
 
     Returns:
-        The index folder and the index saved there.
+        Where the gallery is (the index folder, or the collection's name) and its index (close a Milvus one).
     """
     import numpy as np
 
-    from agw_light.search import GalleryMetadata, build_index
-    from agw_light.search.gallery import model_record, reid_labels
+    from agw_light.search import build_index
+    from agw_light.search.gallery import BACKENDS, milvus_name, model_record
 
+    if backend not in BACKENDS:
+        raise GalleryIndexError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "in_process" and out is None:
+        raise GalleryIndexError("backend=in_process needs out=<index dir> (or backend=milvus uri=... collection=...)")
+    if backend == "milvus" and not (uri and collection):
+        raise GalleryIndexError("backend=milvus needs uri=<gallery.db | http://host:19530> and collection=<name>")
     loaded = load_model(ckpt)
     size = image_size(loaded, height, width)
     record = model_record(loaded.path, loaded.sha256, size)
     gallery = Path(gallery).expanduser().resolve()  # absolute paths: a query may run elsewhere
     paths, features = embed_images(loaded, gallery, size, batch_size=batch_size, device=device)
-    labels = [reid_labels(path) for path in paths]
-    metadata = GalleryMetadata([str(p) for p in paths], [pid for pid, _ in labels], [cam for _, cam in labels])
+    metadata = gallery_metadata(paths)
     sample = np.random.default_rng(seed).permutation(len(paths))[:fit_queries]
+    code_lengths = loaded.network.code_lengths
+    if backend == "milvus":
+        from agw_light.search.milvus import build_milvus_index
+
+        with _refusals():
+            index = build_milvus_index(
+                features,
+                code_lengths,
+                uri=uri,
+                collection=collection,
+                metadata=metadata,
+                timestamps=file_times(paths),
+                fit_queries=features[np.sort(sample)],
+                target_recall=target_recall,
+                record=record,
+                index=milvus_index_settings(milvus_index, uri, code_lengths),
+                token=token,
+                timeout=timeout,
+            )
+        return milvus_name(uri, collection), index
     index = build_index(
-        features,
-        loaded.network.code_lengths,
-        metadata=metadata,
-        fit_queries=features[np.sort(sample)],
-        target_recall=target_recall,
+        features, code_lengths, metadata=metadata, fit_queries=features[np.sort(sample)], target_recall=target_recall
     )
     return Path(index.save(out, record=record)), index
 
 
 def query_gallery_index(
-    index_dir: str | Path,
+    index_dir: str | Path | None,
     image: str | Path,
     *,
+    backend: str = "in_process",
+    uri: str | None = None,
+    collection: str | None = None,
+    token: str | None = None,
+    timeout: float = 10.0,
     topk: int = 10,
     ckpt: str | Path | None = None,
     device: str = "auto",
@@ -123,49 +215,160 @@ def query_gallery_index(
     width: int | None = None,
     allow_changed_model: bool = False,
     max_distance: float | None = None,
+    cameras: Sequence[int] | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    exclude_own_camera: bool = False,
 ) -> list[dict[str, Any]]:
     """The ranked gallery of each query image: [{"query", "results": [{rank, index, distance, path}]}].
 
     Args:
-        index_dir: a folder written by `build_gallery_index`.
+        index_dir: a folder written by `build_gallery_index` (backend "in_process").
         image: one query image, or a folder of them.
+        backend, uri, collection, token, timeout: as for `build_gallery_index`; `index` in the results is
+            then the item's Milvus id.
         topk: hits per query.
         ckpt: the model that embeds the queries; None: the one the index records.
         device, batch_size: as for `build_gallery_index`.
         height, width: the image size; None: the one the index (else the checkpoint) records.
         allow_changed_model: query with a checkpoint whose SHA-256 differs from the recorded one (warned).
         max_distance: list only hits at distance <= max_distance (1 - cosine, or Hamming bits).
+        cameras: list only gallery items of these cameras.
+        since, until: list only items taken in [since, until] (seconds since the epoch; Milvus galleries).
+        exclude_own_camera: leave out the items of each query's own camera (read from its Market/Duke-style
+            file name, as evaluation leaves them out).
 
     Returns:
         One ranked list per query image, nearest first.
     """
-    from agw_light.search import load_index
-    from agw_light.search.gallery import check_no_legacy_record, ranked_lists
+    from agw_light.search.filters import filtered_search
+    from agw_light.search.gallery import open_gallery, ranked_lists, reid_labels
+    from agw_light.search.index import within_distance
 
-    index_dir = Path(index_dir)
-    index = load_index(index_dir)
+    with _refusals():
+        index, where = open_gallery(
+            backend, index_dir=index_dir, uri=uri, collection=collection, token=token, timeout=timeout
+        )
     try:
-        check_no_legacy_record(index, index_dir)
-    except ValueError as error:
-        raise GalleryIndexError(str(error)) from None
-    record = index.record or {}
-    loaded = _query_model(index_dir, record, ckpt, allow_changed_model)
-    if record.get("image_size") and not (height or width):
-        height, width = record["image_size"]
-    size = image_size(loaded, height, width)
-    paths, features = embed_images(loaded, image, size, batch_size=batch_size, device=device)
-    if max_distance is None:
-        distances, indices = index.search(features, int(topk))
-    else:
+        record = index.record or {}
+        loaded = _query_model(where, record, ckpt, allow_changed_model)
+        if index.backend == "milvus":
+            with _refusals():
+                index.check({"code_lengths": list(loaded.network.code_lengths or [])})
+        if record.get("image_size") and not (height or width):
+            height, width = record["image_size"]
+        size = image_size(loaded, height, width)
+        paths, features = embed_images(loaded, image, size, batch_size=batch_size, device=device)
+        query_cameras = None
+        if exclude_own_camera:
+            query_cameras = [reid_labels(path)[1] for path in paths]
+            unlabelled = [str(path) for path, camera in zip(paths, query_cameras, strict=True) if camera < 0]
+            if unlabelled:
+                raise GalleryIndexError(
+                    f"exclude_own_camera=true: {unlabelled[0]} names no camera (expected <pid>_c<camera>...)"
+                )
+        filters = {"cameras": cameras, "since": since, "until": until, "query_cameras": query_cameras}
         try:
-            distances, indices = index.search_within(features, int(topk), max_distance)
+            distances, indices = filtered_search(index, features, int(topk), **filters)
         except ValueError as error:
-            raise GalleryIndexError(f"max_distance={max_distance!r}: {error}") from error
-    return ranked_lists(paths, distances, indices, index.metadata.paths if index.metadata is not None else None)
+            raise GalleryIndexError(str(error)) from error
+        if max_distance is not None:
+            try:
+                distances, indices = within_distance(distances, indices, max_distance)
+            except ValueError as error:
+                raise GalleryIndexError(f"max_distance={max_distance!r}: {error}") from error
+        return ranked_lists(paths, distances, indices, _item_paths(index, indices))
+    finally:
+        index.close()
+
+
+def _item_paths(index: GalleryIndex, indices: np.ndarray) -> dict[int, str] | None:
+    """Image path of each returned item (by position or Milvus id); None when the index holds no paths."""
+    import numpy as np
+
+    found = np.unique(indices[indices >= 0])
+    if index.backend == "in_process" and index.metadata is None:
+        return None
+    return dict(zip(found.tolist(), index.items(found).paths, strict=True))
+
+
+def add_to_gallery(
+    image: str | Path,
+    *,
+    uri: str,
+    collection: str,
+    token: str | None = None,
+    timeout: float = 10.0,
+    ckpt: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 128,
+    timestamp: float | None = None,
+) -> tuple[np.ndarray, list[Path]]:
+    """Embeds images with the model a Milvus gallery records and adds them to it.
+
+    Args:
+        image: one image file, or a folder of them (searched recursively).
+        uri, collection, token, timeout: the gallery (a collection written by
+            `build_gallery_index(backend="milvus")`) and how to reach it.
+        ckpt: the model that embeds them; None: the one the collection records. A model other than the
+            recorded one (SHA-256) or of another code length is refused, naming both.
+        device, batch_size: as for `build_gallery_index`.
+        timestamp: when the images were taken (seconds since the epoch); None: each file's modification time.
+
+    Returns:
+        The new items' ids and their image paths, in the same order.
+    """
+    from agw_light.search.gallery import open_gallery
+
+    with _refusals():
+        index, where = open_gallery("milvus", uri=uri, collection=collection, token=token, timeout=timeout)
+    try:
+        record = index.record or {}
+        ckpt = ckpt or record.get("ckpt")
+        if ckpt is None:
+            raise GalleryIndexError(f"{where} records no model: pass ckpt=<the checkpoint that built it>")
+        loaded = load_model(ckpt)
+        with _refusals():
+            index.check({"ckpt_sha256": loaded.sha256, "code_lengths": list(loaded.network.code_lengths or [])})
+        size = image_size(loaded, *(record.get("image_size") or (None, None)))
+        paths, outputs = embed_images(
+            loaded, Path(image).expanduser().resolve(), size, batch_size=batch_size, device=device
+        )
+        times = file_times(paths) if timestamp is None else [float(timestamp)] * len(paths)
+        with _refusals():
+            ids = index.add(outputs, gallery_metadata(paths), timestamps=times)
+        return ids, paths
+    finally:
+        index.close()
+
+
+def delete_from_gallery(
+    *,
+    uri: str,
+    collection: str,
+    token: str | None = None,
+    timeout: float = 10.0,
+    ids: Sequence[int] | None = None,
+    paths: Sequence[str | Path] | None = None,
+) -> np.ndarray:
+    """Deletes items of a Milvus gallery by id or by image path (absolute, as `build` and `add` store them);
+    an unknown id or path deletes nothing and is named in the GalleryIndexError. Returns the deleted ids."""
+    from agw_light.search.gallery import open_gallery
+
+    if (ids is None) == (paths is None):
+        raise GalleryIndexError("delete takes ids=[...] or paths=[...] (one of them)")
+    with _refusals():
+        index, _ = open_gallery("milvus", uri=uri, collection=collection, token=token, timeout=timeout)
+        try:
+            if paths is not None:
+                return index.delete(paths=[str(Path(path).expanduser().absolute()) for path in paths])
+            return index.delete(ids)
+        finally:
+            index.close()
 
 
 def _query_model(
-    index_dir: Path, record: dict[str, Any], ckpt: str | Path | None, allow_changed_model: bool
+    index_dir: str, record: dict[str, Any], ckpt: str | Path | None, allow_changed_model: bool
 ) -> LoadedCheckpoint:
     """The model that embeds queries: `ckpt` or the recorded one, refused if it is not the one that built the
     index (SHA-256) unless `allow_changed_model`."""

@@ -1,20 +1,29 @@
-"""Build and query a saved gallery index from the command line.
+"""Build, query and change a gallery index from the command line.
 
     python -m agw_light.search build ckpt=<model.ckpt> gallery=<image folder> out=<index dir>
     python -m agw_light.search query index=<index dir> image=<image file or folder> topk=10 [json=true]
         [ckpt=<model.ckpt>] [allow_changed_model=true] [max_distance=<threshold>]
+        [cameras=[0,2]] [since=<seconds>] [until=<seconds>] [exclude_own_camera=true]
+    A Milvus collection instead of a folder (a Milvus Lite file or a server), which can also change:
+    python -m agw_light.search build ... backend=milvus uri=<gallery.db | http://host:19530> collection=<name>
+    python -m agw_light.search query ... backend=milvus uri=... collection=... [token=<user:password>]
+    python -m agw_light.search add image=<image file or folder> uri=... collection=...
+    python -m agw_light.search delete ids=[3,5] uri=... collection=...   (or paths=[/abs/img.jpg])
 
-The first word picks the subcommand and its config, conf/search/build.yaml or conf/search/query.yaml, which
-lists every key with its default; the rest are Hydra overrides of it, as for the other commands. `build`
+The first word picks the subcommand and its config, conf/search/<subcommand>.yaml, which lists every key
+with its default; the rest are Hydra overrides of it, as for the other commands. `build`
 embeds a gallery with a checkpoint's model and saves the index its head calls for, recording the checkpoint
 (path, SHA-256) and image size. `query` embeds the query images with the recorded model (or `ckpt=`) and
 prints the ranked gallery paths with their distances; a checkpoint whose SHA-256 differs from the recorded
 one is refused unless `allow_changed_model=true`. With `max_distance=`, a query lists only the hits at
 distance <= max_distance: the "same person" threshold `python -m agw_light.evaluate` reports for a target FPR
-(metrics.json, "verification"). How: `agw_light.gallery_index`.
+(metrics.json, "verification"). `cameras=`, `since=`/`until=` (a Milvus gallery's time window) and
+`exclude_own_camera=true` filter the gallery. `add` embeds images with the model a collection records
+(another model is refused, naming both); `delete` removes items by id or path (an unknown one deletes
+nothing and is named). How: `agw_light.gallery_index`; docs/galleries.md.
 
-The subcommands compose their config without starting a Hydra job: they write only the index named by `out=`
-(no run folder, no log file).
+The subcommands compose their config without starting a Hydra job: they write only the index named by `out=` or
+`collection=` (no run folder, no log file).
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ from typing import Any
 
 from agw_light.cli import CONF_DIR
 
-SUBCOMMANDS = ("build", "query")
-USAGE = "usage: python -m agw_light.search {build,query} key=value ...  (see --help)"
+SUBCOMMANDS = ("build", "query", "add", "delete")
+USAGE = "usage: python -m agw_light.search {build,query,add,delete} key=value ...  (see --help)"
 # Hydra's compose API initialises one process-wide instance: calls from several threads take turns.
 _COMPOSING = threading.Lock()
 
@@ -43,7 +52,7 @@ def parse_arguments(argv: list[str]) -> tuple[str, dict[str, Any]]:
         raise SystemExit(0 if argv else 2)
     verb, overrides = argv[0], argv[1:]
     if verb not in SUBCOMMANDS:
-        raise SystemExit(f"unknown command {verb!r}; expected build or query\n{USAGE}")
+        raise SystemExit(f"unknown command {verb!r}; expected {', '.join(SUBCOMMANDS)}\n{USAGE}")
     try:
         with _COMPOSING, initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name=f"search/{verb}", overrides=overrides)
@@ -60,6 +69,7 @@ def build(options: dict[str, Any]) -> None:
 
     out, index = build_gallery_index(**options)
     print(f"indexed {index.ntotal} images ({type(index).__name__}) into {out}")
+    index.close()
 
 
 def query(options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,12 +87,37 @@ def query(options: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
+def add(options: dict[str, Any]) -> None:
+    from agw_light.gallery_index import add_to_gallery
+
+    ids, paths = add_to_gallery(options.pop("image"), **options)
+    for item, path in zip(ids.tolist(), paths, strict=True):
+        print(f"{item}\t{path}")
+    print(f"added {len(ids)} images to collection {options['collection']!r} at {options['uri']}")
+
+
+def delete(options: dict[str, Any]) -> None:
+    from agw_light.gallery_index import delete_from_gallery
+
+    ids = options.pop("ids")
+    ids = [ids] if isinstance(ids, int) else ids
+    paths = options.pop("paths")
+    paths = [paths] if isinstance(paths, str) else paths
+    deleted = delete_from_gallery(ids=ids, paths=paths, **options)
+    print(
+        f"deleted {len(deleted)} items {deleted.tolist()} from collection {options['collection']!r} at {options['uri']}"
+    )
+
+
+COMMANDS = {"build": build, "query": query, "add": add, "delete": delete}
+
+
 def main(argv: list[str] | None = None) -> None:
     from agw_light.gallery_index import GalleryIndexError
 
     verb, options = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
-        (build if verb == "build" else query)(options)
+        COMMANDS[verb](options)
     except GalleryIndexError as error:
         raise SystemExit(str(error)) from error
 

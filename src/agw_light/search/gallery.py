@@ -8,16 +8,18 @@ command, the service) must use that same model, or its outputs will not match th
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agw_light.search.index import SearchIndex
+from agw_light.search.index import GalleryIndex, SearchIndex
 
 # Market-1501 / DukeMTMC-reID style names: <pid>_c<camera>...
 REID_NAME = re.compile(r"^(-?\d+)_c(\d+)")
 # Where agw_light before the record moved into the manifest kept the model, outside the atomic save.
 LEGACY_MODEL_RECORD = "model.json"
+# Where a gallery lives: an index folder loaded into this process, or a Milvus collection (Lite file or server).
+BACKENDS = ("in_process", "milvus")
 
 
 def reid_labels(path: Path) -> tuple[int, int]:
@@ -56,19 +58,22 @@ def check_no_legacy_record(index: SearchIndex, index_dir: str | Path) -> None:
         )
 
 
-def recorded_checkpoint(index: SearchIndex, index_dir: str | Path) -> tuple[Path, tuple[int, int] | None]:
+def recorded_checkpoint(
+    index: GalleryIndex, index_dir: str | Path, *, record_holder: str | None = None
+) -> tuple[Path, tuple[int, int] | None]:
     """(checkpoint, image size) recorded in the index's manifest; the caller loads the checkpoint once and checks
     its hash with `checkpoint_mismatch`.
 
     Args:
-        index: the loaded index (`load_index(index_dir)`).
-        index_dir: its folder, named in errors.
+        index: the loaded index (`load_index(index_dir)`, or a `MilvusIndex`).
+        index_dir: its folder (or what names a collection), named in errors.
+        record_holder: what holds the record, named in errors; None: the folder's manifest.json.
 
     Returns:
         The recorded checkpoint's path and image size (None when the record has none).
     """
     record = index.record or {}
-    manifest = Path(index_dir) / "manifest.json"
+    manifest = record_holder or Path(index_dir) / "manifest.json"
     if not record.get("ckpt") or not record.get("ckpt_sha256"):
         raise ValueError(
             f"{manifest}: records no checkpoint and SHA-256 (the index was not written by `python -m "
@@ -91,10 +96,11 @@ def recorded_checkpoint(index: SearchIndex, index_dir: str | Path) -> tuple[Path
 
 
 def ranked_lists(
-    queries: Sequence[Path], distances: Any, indices: Any, gallery_paths: Sequence[str] | None
+    queries: Sequence[Path], distances: Any, indices: Any, gallery_paths: Sequence[str] | Mapping[int, str] | None
 ) -> list[dict[str, Any]]:
     """One {"query", "results": [{rank, index, distance, path}]} per query, nearest first; the -1 padding of a
-    search within a distance is left out."""
+    search within a distance is left out. `index` is the item's position (in process) or id (Milvus), and
+    `gallery_paths` maps it to the image path."""
     return [
         {
             "query": str(path),
@@ -111,3 +117,41 @@ def ranked_lists(
         }
         for row, path in enumerate(queries)
     ]
+
+
+def open_gallery(
+    backend: str = "in_process",
+    *,
+    index_dir: str | Path | None = None,
+    uri: str | None = None,
+    collection: str | None = None,
+    token: str | None = None,
+    timeout: float = 10.0,
+) -> tuple[GalleryIndex, str]:
+    """(the gallery, what names it in messages): the index folder `index_dir` loaded in process, or the Milvus
+    collection `collection` at `uri` (close it when done).
+
+    Args:
+        backend: "in_process" (needs `index_dir`) or "milvus" (needs `uri` and `collection`; `token` for a
+            secured server, `timeout` seconds to reach it).
+    """
+    if backend == "in_process":
+        if index_dir is None:
+            raise ValueError("backend=in_process needs index=<index dir> (or backend=milvus uri=... collection=...)")
+        from agw_light.search.index import load_index
+
+        index = load_index(index_dir)
+        check_no_legacy_record(index, index_dir)
+        return index, str(index_dir)
+    if backend == "milvus":
+        if not uri or not collection:
+            raise ValueError("backend=milvus needs uri=<gallery.db | http://host:19530> and collection=<name>")
+        from agw_light.search.milvus import MilvusIndex
+
+        return MilvusIndex.open(uri, collection, token=token, timeout=timeout), milvus_name(uri, collection)
+    raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def milvus_name(uri: str, collection: str) -> str:
+    """How messages name a Milvus collection."""
+    return f"collection {collection!r} at {uri}"

@@ -101,6 +101,9 @@ class GalleryIndex(abc.ABC):
         """
         return within_distance(*self.search(queries, k), max_distance)
 
+    def close(self) -> None:  # noqa: B027 - a no-op by design: an in-process index holds nothing outside
+        """Releases what the index holds outside the process (a database connection); nothing in process."""
+
     def items(self, indices: Any) -> GalleryMetadata:
         """Path, person id and camera of the gallery items `indices` (what `search` returned, padding -1
         left out), in the order given; an index without metadata, or an index out of range, is a LookupError."""

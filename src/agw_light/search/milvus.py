@@ -143,7 +143,7 @@ class MilvusIndex(GalleryIndex):
             token: credentials of a secured server ("user:password" or an API key).
             timeout: seconds to wait for the server before failing with its address.
         """
-        settings = _settings(code_lengths, dim, shortlist, record, index, _server_kind(uri))
+        settings = _settings(code_lengths, dim, shortlist, record, index, server_kind(uri))
         connection = _Connection.open(uri, token, timeout, create=True)
         try:
             return cls(connection, _create_collection(connection, collection, settings), settings)
@@ -428,6 +428,7 @@ def build_milvus_index(
     record: Mapping[str, Any] | None = None,
     index: Mapping[str, Any] | None = None,
     token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> MilvusIndex:
     """A new collection holding a gallery, as `agw_light.search.build_index` builds the in-process one.
 
@@ -459,6 +460,7 @@ def build_milvus_index(
         shortlist=shortlist,
         index=index,
         token=token,
+        timeout=timeout,
     )
     try:
         milvus_index.add(gallery_features, metadata, timestamps=timestamps)
@@ -489,7 +491,7 @@ class _Connection:
         from pymilvus import MilvusException, connections
 
         uri = str(uri)
-        if _server_kind(uri) == "lite":
+        if server_kind(uri) == "lite":
             path = Path(uri).expanduser()
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +511,8 @@ class _Connection:
         connections.disconnect(self.alias)
 
 
-def _server_kind(uri: str) -> str:
+def server_kind(uri: str) -> str:
+    """The kind of Milvus at `uri` (a key of `DEFAULT_INDEXES`): "lite" for a file (*.db), "server" for an address."""
     uri = str(uri)
     if uri.startswith(("http://", "https://", "tcp://")):
         return "server"

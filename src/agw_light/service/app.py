@@ -1,12 +1,19 @@
 """The HTTP face of a `GallerySearch`: a JSON API and one web page (FastAPI).
 
-    GET  /                                  the page: choose or drop a query image, see the ranked gallery
-    GET  /health                            index size, dimension, kind, distance, checkpoint SHA-256
-    POST /search?k=10&max_distance=0.3      multipart field `image`: the top-k gallery items as JSON
-    GET  /gallery/{position}/thumbnail      a gallery item's image, shrunk into `thumb_size`
+    GET    /                                the page: choose or drop a query image, see the ranked gallery
+    GET    /health                          index size, dimension, kind, distance, checkpoint SHA-256
+    POST   /search?k=10&max_distance=0.3    multipart field `image`: the top-k gallery items as JSON;
+           &cameras=0&cameras=2             filters: only these cameras, not the query's own camera,
+           &query_camera=1&since=..&until=..  only images taken in [since, until] (Milvus galleries)
+    GET    /gallery/{position}/thumbnail    a gallery item's image, shrunk into `thumb_size`
+    POST   /gallery?pid=&camera=&timestamp=  multipart field(s) `image`: added to a Milvus gallery (201, ids)
+    DELETE /gallery/{id}                    removes an item of a Milvus gallery (404 if there is none)
 
 Every GET route answers HEAD too. A thumbnail is addressed by the item's position in the index's gallery
-list, never by a path, so the service can only ever serve the gallery's own images. Queries run in the
+list (its id in a Milvus collection), never by a path, so the service can only ever serve the gallery's own
+images. Writes (POST and DELETE /gallery) need `Authorization: Bearer <write_token>`: refused with 401
+without one, 403 with another, 403 when the service has no write token, 405 for a read-only index folder;
+reads need none. Queries run in the
 server's thread pool (decoding, embedding and searching block), so slow ones do not hold up the others.
 
 What a client can make the server hold is bounded: a request body stops being read at `max_upload_bytes`
@@ -19,6 +26,7 @@ web page of another site cannot reach a loopback service through DNS rebinding.
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime, and they
 # refer to create_app's arguments (max_k).
 import asyncio
+import hmac
 import io
 import socket
 import threading
@@ -27,7 +35,7 @@ from functools import lru_cache
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, File, Header, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -163,6 +171,7 @@ def create_app(
     thumb_size: tuple[int, int] = (128, 64),
     allowed_hosts: Sequence[str] | None = None,
     body_timeout_s: float = 60.0,
+    write_token: str | None = None,
 ) -> FastAPI:
     """The service around `gallery`.
 
@@ -173,6 +182,7 @@ def create_app(
         thumb_size: (height, width) box the thumbnails fit in.
         allowed_hosts: Host header values answered (`default_allowed_hosts`); None answers any (tests).
         body_timeout_s: seconds a request's body may take to arrive.
+        write_token: the bearer token POST and DELETE /gallery need; None refuses every write.
     """
     app = FastAPI(title="agw_light gallery search", version="1")
     page = files("agw_light.service").joinpath("page.html").read_text(encoding="utf-8")
@@ -194,8 +204,18 @@ def create_app(
         image: Annotated[UploadFile, File(description=f"the query image: {FORMATS_TEXT}")],
         k: Annotated[int, Query(ge=1, le=max_k, description="gallery items to return")] = 10,
         max_distance: Annotated[float | None, Query(ge=0, description="drop items farther than this")] = None,
+        cameras: Annotated[list[int] | None, Query(description="only gallery items of these cameras")] = None,
+        query_camera: Annotated[int | None, Query(description="the query's camera: its items are left out")] = None,
+        since: Annotated[float | None, Query(description="only items taken at or after (epoch seconds)")] = None,
+        until: Annotated[float | None, Query(description="only items taken at or before (epoch seconds)")] = None,
     ) -> dict[str, Any]:
         data = await image.read(max_upload_bytes + 1)
+        filters = {
+            "cameras": cameras,
+            "since": since,
+            "until": until,
+            "query_cameras": None if query_camera is None else [query_camera],
+        }
         try:
             hits = await run_in_threadpool(
                 gallery.search_upload,
@@ -204,9 +224,12 @@ def create_app(
                 max_distance,
                 max_bytes=max_upload_bytes,
                 max_pixels=max_image_pixels,
+                **filters,
             )
         except QueryImageError as error:
             raise HTTPException(error.status, f"{image.filename or 'upload'}: {error}") from error
+        except ValueError as error:  # a filter this gallery cannot apply (a time window on an index folder)
+            raise HTTPException(400, str(error)) from error
         return {
             "k": k,
             "max_distance": max_distance,
@@ -236,5 +259,52 @@ def create_app(
         except LookupError as error:
             raise HTTPException(404, str(error)) from error
         return Response(content, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
+    def may_write(authorization: Annotated[str | None, Header()] = None) -> None:
+        """Refuses a write to a read-only gallery (405), without a bearer token (401) or with another (403)."""
+        if not gallery.writable:
+            raise HTTPException(405, "this gallery is an index folder, read-only: serve a Milvus collection to write")
+        if write_token is None:
+            raise HTTPException(403, "writes are disabled: start the service with write_token (or its env var)")
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise HTTPException(
+                401, "writes need the header Authorization: Bearer <write token>", {"WWW-Authenticate": "Bearer"}
+            )
+        if not hmac.compare_digest(presented.encode(), write_token.encode()):
+            raise HTTPException(403, "the write token is wrong")
+
+    @app.post("/gallery", status_code=201, dependencies=[Depends(may_write)])
+    async def add_images(
+        image: Annotated[list[UploadFile], File(description=f"gallery images: {FORMATS_TEXT}")],
+        pid: Annotated[int, Query(ge=-1, description="the person's id; -1: unknown")] = -1,
+        camera: Annotated[int, Query(ge=-1, description="the camera; -1: unknown")] = -1,
+        timestamp: Annotated[float | None, Query(description="when taken (epoch seconds); none: now")] = None,
+    ) -> dict[str, Any]:
+        uploads = [await upload.read(max_upload_bytes + 1) for upload in image]
+        try:
+            ids = await run_in_threadpool(
+                gallery.add_uploads,
+                uploads,
+                max_bytes=max_upload_bytes,
+                max_pixels=max_image_pixels,
+                pid=pid,
+                camera=camera,
+                timestamp=timestamp,
+            )
+        except QueryImageError as error:
+            raise HTTPException(error.status, str(error)) from error
+        except (ValueError, RuntimeError) as error:  # refused by the collection: nothing was written
+            raise HTTPException(503 if isinstance(error, RuntimeError) else 400, str(error)) from error
+        return {"ids": ids, "thumbnails": [f"/gallery/{item}/thumbnail" for item in ids]}
+
+    @app.delete("/gallery/{item_id:int}", dependencies=[Depends(may_write)])
+    def delete_item(item_id: int) -> dict[str, Any]:
+        try:
+            gallery.delete(item_id)
+        except LookupError as error:
+            raise HTTPException(404, str(error)) from error
+        thumbnail_bytes.cache_clear()  # its thumbnail is no longer served
+        return {"deleted": item_id}
 
     return app
