@@ -23,7 +23,7 @@ from agw_light.images import FORMATS_TEXT, ImageTooLarge, open_rgb
 from agw_light.inference import Encoder
 from agw_light.inference.checkpoint import load_checkpoint
 from agw_light.search import SearchIndex, load_index
-from agw_light.search.gallery import checkpoint_mismatch, recorded_checkpoint
+from agw_light.search.gallery import checkpoint_mismatch, read_record, recorded_checkpoint
 
 log = logging.getLogger(__name__)
 # The most pixels an upload is decoded to (conf/serve.yaml max_image_pixels): a person crop needs a few hundred
@@ -129,14 +129,14 @@ class GallerySearch:
 
     def describe(self) -> dict[str, Any]:
         """What /health reports: the index's size, width and kind, and the model that fills it."""
-        record = self.index.record or {}
+        record = read_record(self.index.record)
         return {
             "status": "ok",
             "size": self.index.ntotal,
             "dimension": self.index.d,
             "index_kind": self.index.kind,
             "distance": self.encoder.distance,
-            "checkpoint_sha256": record.get("ckpt_sha256"),
+            "checkpoint_sha256": record.get("checkpoint_sha256"),
             "image_size": list(self.encoder.image_size),
             "has_metadata": self.index.metadata is not None,
         }
