@@ -80,7 +80,7 @@ def build_index(folder: Path, ckpt: Path, count: int, image_size: tuple[int, int
     )
     fit = features[rng.permutation(count)[:1000]]
     index = build(features, encoder.code_lengths, metadata=metadata, fit_queries=fit, target_recall=0.99)
-    record = {"ckpt": str(ckpt), "ckpt_sha256": file_sha256(ckpt), "image_size": list(image_size)}
+    record = {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt), "image_size": list(image_size)}
     index.save(folder / "index", record=record)
     return folder / "index", index.kind
 

@@ -74,3 +74,83 @@ def test_every_relative_link_resolves_inside_the_repository(page):
 def test_the_readme_links_every_docs_page():
     linked = {(REPO / target.partition("#")[0]).resolve() for target in links(REPO / "README.md")}
     assert [page.name for page in PAGES[1:] if page not in linked] == []
+
+
+# A printed command: everything from the first word of the `-m agw_light.<command>` invocation to the end of the line.
+COMMAND = re.compile(r"(?:^|&&\s*)((?:\S*python3?|torchrun[^&]*?|srun \S*python3?)\s+-m agw_light\.\w+.*)$")
+# Modules that take no Hydra overrides (their arguments are paths).
+PLAIN_ARGUMENTS = {"report"}
+# Echoes its arguments, NUL-separated: what bash would hand the command, without running it.
+ECHO_ARGUMENTS = "args() { printf '%s\\0' \"$@\"; }; "
+
+
+def printed_commands(page: Path) -> list[str]:
+    """The `python -m agw_light...` lines of the page's ```bash blocks, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            match = COMMAND.search(line)
+            if match:
+                commands.append(match[1])
+    return commands
+
+
+def bash_words(command: str, folder: Path) -> list[str]:
+    """The words bash passes to the command, got by running it in an empty folder with `args` in the place of the
+    program: a redirection, an unclosed quote or a glob that matches would show here."""
+    import subprocess
+
+    program, _, arguments = re.split(r"\s+-m\s+", command, maxsplit=1)[1].partition(" ")
+    script = ECHO_ARGUMENTS + "args " + program + " " + arguments
+    syntax = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True, timeout=30)
+    assert syntax.returncode == 0, f"{command}: bash -n: {syntax.stderr}"
+    run = subprocess.run(["bash", "-c", script], capture_output=True, cwd=folder, timeout=30, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0 and not run.stderr, f"{command}: {run.stderr.decode()}"
+    assert not any(folder.iterdir()), f"{command}: writes {sorted(p.name for p in folder.iterdir())} (a redirection?)"
+    return run.stdout.decode().split("\0")[:-1]
+
+
+def hydra_overrides(module: str, words: list[str]) -> list[str]:
+    """The Hydra overrides among a command's words: not its flags (-m, --cfg job), nor search's subcommand."""
+    words = words[1:] if module == "search" else words
+    return [word for word in words if not word.startswith("-")]
+
+
+COMMANDS = [(page, command) for page in PAGES for command in printed_commands(page)]
+
+
+def test_the_printed_commands_are_found():
+    assert len(COMMANDS) > 40 and {page.name for page, _ in COMMANDS} >= {"README.md", "deploy.md", "datasets.md"}
+
+
+@pytest.mark.parametrize(("page", "command"), COMMANDS, ids=[f"{p.name}:{c[:60]}" for p, c in COMMANDS])
+def test_every_printed_command_parses_in_bash_and_its_overrides_in_hydra(page, command, tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = bash_words(command, tmp_path)
+    module = words[0].removeprefix("agw_light.")
+    if module not in PLAIN_ARGUMENTS:
+        OverridesParser.create().parse_overrides(hydra_overrides(module, words[1:]))
+
+
+def test_a_camera_pattern_typed_as_printed_reaches_the_parser_whole(tmp_path):
+    """The form the docs print for a regular expression: bash keeps the inner quotes, Hydra unquotes them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = bash_words("""python -m agw_light.train "dataset.kwargs.camera_pattern='c(\\d+)'" """, tmp_path)
+    (override,) = OverridesParser.create().parse_overrides(words[1:])
+    assert (override.key_or_group, override.value()) == ("dataset.kwargs.camera_pattern", r"c(\d+)")
+    # The form the docs used to print: bash drops the quotes and Hydra refuses the parentheses.
+    unquoted = bash_words("""python -m agw_light.train dataset.kwargs.camera_pattern='c(\\d+)'""", tmp_path)
+    with pytest.raises(Exception, match="camera_pattern"):
+        OverridesParser.create().parse_overrides(unquoted[1:])
+
+
+def test_every_test_the_guarantees_name_exists():
+    named = re.findall(r"`(test_\w+\.py)::(\w+)`", (REPO / "docs" / "guarantees.md").read_text(encoding="utf-8"))
+    missing = [
+        f"{file}::{name}"
+        for file, name in named
+        if not re.search(rf"^def {name}\(", (REPO / "tests" / file).read_text(encoding="utf-8"), re.M)
+    ]
+    assert len(named) > 20 and missing == []

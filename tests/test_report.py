@@ -470,7 +470,7 @@ def _verified(metrics: dict, dataset: str, train_dataset: str, tpr: float) -> di
         ],
         "roc": {"fpr": [0.0, 1e-4, 1e-2, 1.0], "tpr": [0.0, tpr / 2, tpr, 1.0], "threshold": [-3e-5, 0.25, 0.5, 2.0]},
         "positive_pairs": 10,
-        "negative_pairs": 1000,
+        "negative_pairs": 100_000,  # enough to resolve FPR 1e-4
         "excluded_pairs": 5,
     }
 
@@ -530,3 +530,35 @@ def test_malformed_optional_keys_are_named(tmp_path, change, message):
     assert read == {**legacy, "inference_ms_per_batch": timing, "timing_batch_size": 64}
     with pytest.raises(ValueError, match=message):
         check_row({**row, **change}, "row")
+
+
+def test_an_fpr_below_one_over_the_negative_pairs_is_not_resolved(tmp_path):
+    root = tmp_path / "multirun"
+    metrics = {**_verified(ROWS["full"][5], "market1501", "market1501", 0.8), "negative_pairs": 5000}
+    make_run(root, "full", metrics=metrics, curves=False)
+
+    assert main([str(root)]) == 0
+
+    verification = (root / "results.md").read_text().split("## Same-person verification")[1]
+    # 5000 negative pairs: one false positive is FPR 2e-4, so 1e-4 cannot be told from 0; 1e-3 and 1e-2 can.
+    assert "| cosine | not resolved (5,000 negative pairs) | 0.600 (0.3750) | 0.800 (0.5000) |" in verification
+    (row,) = _read_csv(root / "results.csv")
+    assert (row["TPR@FPR=1e-04"], row["threshold@FPR=1e-04"], row["TPR@FPR=1e-03"]) == ("", "", "0.6000000000000001")
+
+
+def test_training_curves_show_epoch_means_where_no_step_was_logged_on_a_log_loss_axis():
+    from agw_light.reporting.plots import training_curves_figure
+
+    curves = {
+        "1 full": {"train/epoch_loss": ([4, 9], [8.0, 6.0]), "val/mAP": ([4, 9], [0.1, 0.2])},  # 5-step epochs
+        "3 feat": {"train/loss": ([0, 20, 40], [900.0, 500.0, 300.0])},  # another row's loss terms: 100x larger
+    }
+    loss_axes, map_axes = training_curves_figure(curves, "market1501").axes
+    assert [(line.get_label(), list(line.get_ydata())) for line in loss_axes.get_lines()] == [
+        ("1 full (epoch means: no step logged)", [8.0, 6.0]),
+        ("3 feat", [900.0, 500.0, 300.0]),
+    ]
+    assert loss_axes.get_yscale() == "log" and "log scale" in loss_axes.get_title()
+    assert [line.get_label() for line in map_axes.get_lines()] == ["1 full"] and map_axes.get_yscale() == "linear"
+    empty = training_curves_figure({"1 full": {}}, "market1501")
+    assert "no training curve was logged" in [text.get_text() for text in empty.texts] and not empty.axes

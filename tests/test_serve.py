@@ -251,7 +251,7 @@ def copied_index(built, tmp_path: Path) -> tuple[Path, Path]:
     shutil.copytree(index_dir, tmp_path / "index")
     shutil.copy(ckpt, tmp_path / "model.ckpt")
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
-    manifest["record"]["ckpt"] = str(tmp_path / "model.ckpt")
+    manifest["record"]["checkpoint"] = str(tmp_path / "model.ckpt")
     (tmp_path / "index" / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path / "index", tmp_path / "model.ckpt"
 

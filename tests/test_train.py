@@ -279,3 +279,25 @@ def test_the_cpu_small_preset_composes_over_a_gpu_sized_config_and_trains(compos
     row = train(cfg)
     assert math.isfinite(row["mAP"]) and row["feature_dim"] == 512
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_logged_cpu_time_is_the_runs_own_not_the_processes_so_far(caplog):
+    """In a multirun every job runs in one process: what ran before a job is not its cost."""
+    import logging
+    import re
+    import time
+
+    from agw_light.cli.train import cpu_seconds, log_run_cost
+
+    def burn(seconds: float) -> None:
+        until = cpu_seconds() + seconds
+        while cpu_seconds() < until:
+            sum(range(10_000))
+
+    burn(0.6)  # an earlier job of the multirun
+    started = time.perf_counter(), cpu_seconds()
+    burn(0.2)
+    with caplog.at_level(logging.INFO, logger="agw_light.cli.train"):
+        log_run_cost(*started)
+    cpu = float(re.search(r"wall time, ([0-9.]+) s CPU time", caplog.text)[1])
+    assert 0.15 <= cpu <= 0.5

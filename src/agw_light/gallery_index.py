@@ -2,16 +2,21 @@
 images with the model an index records and rank its gallery. `python -m agw_light.search` calls these.
 
 `build` embeds every image under the gallery folder (recursively: agw_light.images.IMAGE_SUFFIXES) and saves the
-index the model's head calls for (float cosine, exact Hamming or coarse-to-fine Hamming) with the image paths (and
-pid / camera parsed from Market- or Duke-style names, else -1). The coarse-to-fine candidate counts are fitted on a
-sample of the gallery's own codes as queries (no labels exist here; recall is measured against the exact full-length
-search). The index's manifest records the checkpoint (absolute path, SHA-256) and image size, saved atomically with
-the data, and the gallery paths are absolute, so the index answers from any folder.
+index the model's head calls for (float cosine, exact Hamming or coarse-to-fine Hamming) with the image paths and
+the pid and camera of each, read by the datasets' own parsers in the gallery's layout
+(`agw_light.data.datasets.read_image_folder`: Market/Duke names, a folder per identity with a camera pattern, a
+list file; -1 where a layout gives none), so the service can frame true matches. The coarse-to-fine candidate
+counts are fitted on a sample of the gallery's own codes as queries (labels play no part; recall is measured
+against the exact full-length search). The index's manifest records the checkpoint (absolute path, SHA-256) and
+image size, saved atomically with the data, and the gallery paths are absolute, so the index answers from any
+folder.
 
 `query` embeds the query images with the model recorded at build time (or another checkpoint) and refuses one whose
-SHA-256 differs from the recorded one unless told to allow it. Checkpoints are read with `weights_only=True`: a file
-holding code is refused, the code never runs. A query may filter the gallery: only some cameras, only images taken
-in a time window (Milvus), not the query's own camera (`agw_light.search.filters`).
+SHA-256 differs from the recorded one unless told to allow it. Both check their settings before they load a model
+or embed an image. A negative `max_distance` is refused here and by the service (HTTP 422) alike: no distance is
+below 0. Checkpoints are read with `weights_only=True`: a file holding code is refused, the code never runs. A query
+may filter the gallery: only some cameras, only images taken in a time window (Milvus), not the query's own camera
+(`agw_light.search.filters`).
 
 With `backend="milvus"` the gallery is a Milvus collection (`uri`: a Milvus Lite file or a server address,
 `collection`, `token`) instead of a folder, with the same record and the same result format (`index` is then
@@ -28,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agw_light.checks import is_integer, is_number, positive_int
 from agw_light.protocol import DEFAULT_TARGET_RECALL
 
 if TYPE_CHECKING:
@@ -71,25 +77,82 @@ def image_size(loaded: LoadedCheckpoint, height: int | None, width: int | None) 
     return int(height), int(width)
 
 
+def check_size(height: int | None, width: int | None) -> None:
+    """height and width: each None (the recorded size) or a positive integer, checked before any work."""
+    for name, side in (("height", height), ("width", width)):
+        if side is not None:
+            positive_int(side, name)
+
+
+def check_max_distance(max_distance: float | None) -> None:
+    """None, or a number >= 0: every distance (1 - cosine, Hamming bits) is >= 0, so a negative threshold is a
+    mistake, refused by the command and the service (422) alike."""
+    if max_distance is not None and (not is_number(max_distance) or not max_distance >= 0):
+        raise GalleryIndexError(
+            f"max_distance={max_distance!r}: expected a number >= 0 (1 - cosine, or Hamming bits), or null for no limit"
+        )
+
+
 def embed_images(
-    loaded: LoadedCheckpoint, location: str | Path, size: tuple[int, int], *, batch_size: int, device: str
+    loaded: LoadedCheckpoint,
+    location: str | Path | list[str],
+    size: tuple[int, int],
+    *,
+    batch_size: int,
+    device: str,
 ):
-    """(paths, outputs): the images at `location` (one file, or a folder's images, sorted) and the model's eval-mode
+    """(paths, outputs): the images at `location` (one file, a folder's images, sorted, or a list of image
+    paths, in order) and the model's eval-mode
     output (feature or codes) for each, in order (`agw_light.inference.Encoder`, torch backend, the checkpoint's
     preprocessing at `size`: the outputs evaluation ranks)."""
     from agw_light.inference import Encoder
 
     encoder = Encoder.from_loaded(loaded, image_size=size, device=device, backend="torch")
-    return encoder.encode_files(Path(location).expanduser(), batch_size=batch_size, progress=True)
+    location = location if isinstance(location, list) else Path(location).expanduser()
+    return encoder.encode_files(location, batch_size=batch_size, progress=True)
 
 
-def gallery_metadata(paths: Sequence[Path]) -> GalleryMetadata:
-    """Paths, pids and cameras of gallery images (labels from Market- or Duke-style names, else -1)."""
+def labelled_images(
+    location: Path, layout: str, *, camera_pattern: str | None = None, list_file: str | None = None
+) -> list[tuple[str, int, int | None]]:
+    """(path, pid, camera) of the images at `location` as the datasets' parsers read its layout
+    (`agw_light.data.datasets.read_image_folder`); a note on stderr when no layout labels them."""
+    from agw_light.data.datasets import read_image_folder
+
+    read, samples = read_image_folder(location, layout, camera_pattern=camera_pattern, list_file=list_file)
+    if read == "none":
+        print(
+            f"note: the names under {location} follow no layout agw_light knows: pids and cameras are recorded as "
+            "-1 (pass layout=image_folders [camera_pattern=...] or layout=image_list list_file=...)",
+            file=sys.stderr,
+        )
+    return samples
+
+
+def gallery_metadata(paths: Sequence[Path], samples: Sequence[tuple[str, int, int | None]]) -> GalleryMetadata:
+    """Paths, pids and cameras of embedded gallery images (-1 where the layout gives none)."""
     from agw_light.search import GalleryMetadata
-    from agw_light.search.gallery import reid_labels
 
-    labels = [reid_labels(path) for path in paths]
-    return GalleryMetadata([str(p) for p in paths], [pid for pid, _ in labels], [cam for _, cam in labels])
+    return GalleryMetadata(
+        [str(path) for path in paths],
+        [pid for _, pid, _ in samples],
+        [-1 if camid is None else camid for _, _, camid in samples],
+    )
+
+
+def query_camera_ids(paths: Sequence[Path]) -> list[int]:
+    """Each query image's camera, read from its Market/Duke-style name by the datasets' parser (exclude_own_camera
+    needs it); a name without one is a GalleryIndexError naming it."""
+    from agw_light.data.datasets import read_image_folder
+
+    cameras = []
+    for path in paths:
+        try:
+            _, ((_, _, camera),) = read_image_folder(path, "market")
+        except ValueError as error:
+            raise GalleryIndexError(f"exclude_own_camera=true: {path} names no camera ({error})") from error
+        cameras.append(camera)
+    return cameras
 
 
 def file_times(paths: Sequence[Path]) -> list[float]:
@@ -133,9 +196,12 @@ def build_gallery_index(
     fit_queries: int = 1000,
     target_recall: float = DEFAULT_TARGET_RECALL,
     seed: int = 0,
+    layout: str = "auto",
+    camera_pattern: str | None = None,
+    list_file: str | None = None,
 ) -> tuple[Path | str, GalleryIndex]:
     """Embeds every image under `gallery` with the checkpoint's model and saves the index into `out` (or a new
-    Milvus collection).
+    Milvus collection), with the pid and camera of each image as the gallery's layout gives them.
 
     Args:
         ckpt: the training checkpoint whose model embeds the gallery (recorded in the index).
@@ -144,6 +210,8 @@ def build_gallery_index(
         backend: "in_process" (a folder) or "milvus" (a new collection `collection` at `uri`, `token` for a
             secured server, `timeout` seconds to reach it; `milvus_index` the vector index per server kind,
             see `milvus_index_settings`).
+        layout, camera_pattern, list_file: how pids and cameras are read
+            (`agw_light.data.datasets.read_image_folder`: auto, market, image_folders, image_list or none).
         device: where to embed (auto | cpu | cuda | cuda:N).
         batch_size: images embedded at once.
         height, width: the image size; None: the one the checkpoint records.
@@ -165,12 +233,20 @@ def build_gallery_index(
         raise GalleryIndexError("backend=in_process needs out=<index dir> (or backend=milvus uri=... collection=...)")
     if backend == "milvus" and not (uri and collection):
         raise GalleryIndexError("backend=milvus needs uri=<gallery.db | http://host:19530> and collection=<name>")
+    check_size(height, width)
+    positive_int(batch_size, "batch_size")
+    positive_int(fit_queries, "fit_queries")
+    if not is_number(target_recall) or not 0 < target_recall <= 1:
+        raise GalleryIndexError(f"target_recall={target_recall!r}: expected a number in (0, 1]")
+    if not is_integer(seed):
+        raise GalleryIndexError(f"seed={seed!r}: expected an integer")
+    gallery = Path(gallery).expanduser().resolve()  # absolute paths: a query may run elsewhere
+    samples = labelled_images(gallery, layout, camera_pattern=camera_pattern, list_file=list_file)
     loaded = load_model(ckpt)
     size = image_size(loaded, height, width)
     record = model_record(loaded.path, loaded.sha256, size)
-    gallery = Path(gallery).expanduser().resolve()  # absolute paths: a query may run elsewhere
-    paths, features = embed_images(loaded, gallery, size, batch_size=batch_size, device=device)
-    metadata = gallery_metadata(paths)
+    paths, features = embed_images(loaded, [path for path, _, _ in samples], size, batch_size=batch_size, device=device)
+    metadata = gallery_metadata(paths, samples)
     sample = np.random.default_rng(seed).permutation(len(paths))[:fit_queries]
     code_lengths = loaded.network.code_lengths
     if backend == "milvus":
@@ -242,15 +318,22 @@ def query_gallery_index(
         One ranked list per query image, nearest first.
     """
     from agw_light.search.filters import filtered_search
-    from agw_light.search.gallery import open_gallery, ranked_lists, reid_labels
+    from agw_light.search.gallery import check_no_legacy_record, open_gallery, ranked_lists, read_record
     from agw_light.search.index import within_distance
 
+    positive_int(topk, "topk")
+    positive_int(batch_size, "batch_size")
+    check_size(height, width)
+    check_max_distance(max_distance)
     with _refusals():
         index, where = open_gallery(
             backend, index_dir=index_dir, uri=uri, collection=collection, token=token, timeout=timeout
         )
     try:
-        record = index.record or {}
+        if index.backend == "in_process":
+            with _refusals():
+                check_no_legacy_record(index, index_dir)
+        record = read_record(index.record)
         loaded = _query_model(where, record, ckpt, allow_changed_model)
         if index.backend == "milvus":
             with _refusals():
@@ -261,12 +344,7 @@ def query_gallery_index(
         paths, features = embed_images(loaded, image, size, batch_size=batch_size, device=device)
         query_cameras = None
         if exclude_own_camera:
-            query_cameras = [reid_labels(path)[1] for path in paths]
-            unlabelled = [str(path) for path, camera in zip(paths, query_cameras, strict=True) if camera < 0]
-            if unlabelled:
-                raise GalleryIndexError(
-                    f"exclude_own_camera=true: {unlabelled[0]} names no camera (expected <pid>_c<camera>...)"
-                )
+            query_cameras = query_camera_ids(paths)
         filters = {"cameras": cameras, "since": since, "until": until, "query_cameras": query_cameras}
         try:
             distances, indices = filtered_search(index, features, int(topk), **filters)
@@ -318,25 +396,26 @@ def add_to_gallery(
     Returns:
         The new items' ids and their image paths, in the same order.
     """
-    from agw_light.search.gallery import open_gallery
+    from agw_light.search.gallery import open_gallery, read_record
 
     with _refusals():
         index, where = open_gallery("milvus", uri=uri, collection=collection, token=token, timeout=timeout)
     try:
-        record = index.record or {}
-        ckpt = ckpt or record.get("ckpt")
+        record = read_record(index.record)
+        ckpt = ckpt or record.get("checkpoint")
         if ckpt is None:
             raise GalleryIndexError(f"{where} records no model: pass ckpt=<the checkpoint that built it>")
         loaded = load_model(ckpt)
         with _refusals():
-            index.check({"ckpt_sha256": loaded.sha256, "code_lengths": list(loaded.network.code_lengths or [])})
+            index.check({"checkpoint_sha256": loaded.sha256, "code_lengths": list(loaded.network.code_lengths or [])})
         size = image_size(loaded, *(record.get("image_size") or (None, None)))
+        samples = labelled_images(Path(image).expanduser().resolve(), "auto")
         paths, outputs = embed_images(
-            loaded, Path(image).expanduser().resolve(), size, batch_size=batch_size, device=device
+            loaded, [path for path, _, _ in samples], size, batch_size=batch_size, device=device
         )
         times = file_times(paths) if timestamp is None else [float(timestamp)] * len(paths)
         with _refusals():
-            ids = index.add(outputs, gallery_metadata(paths), timestamps=times)
+            ids = index.add(outputs, gallery_metadata(paths, samples), timestamps=times)
         return ids, paths
     finally:
         index.close()
@@ -374,7 +453,7 @@ def _query_model(
     index (SHA-256) unless `allow_changed_model`."""
     from agw_light.search.gallery import checkpoint_mismatch
 
-    ckpt = ckpt or record.get("ckpt")
+    ckpt = ckpt or record.get("checkpoint")
     if ckpt is None:
         raise GalleryIndexError(f"{index_dir}: the index records no model (saved without one): pass ckpt=<checkpoint>")
     loaded = load_model(ckpt)

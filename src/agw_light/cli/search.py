@@ -1,6 +1,7 @@
 """Build, query and change a gallery index from the command line.
 
     python -m agw_light.search build ckpt=<model.ckpt> gallery=<image folder> out=<index dir>
+        [layout=auto|market|image_folders|image_list|none] [camera_pattern=<regex>] [list_file=<list>]
     python -m agw_light.search query index=<index dir> image=<image file or folder> topk=10 [json=true]
         [ckpt=<model.ckpt>] [allow_changed_model=true] [max_distance=<threshold>]
         [cameras=[0,2]] [since=<seconds>] [until=<seconds>] [exclude_own_camera=true]
@@ -13,9 +14,10 @@
 The first word picks the subcommand and its config, conf/search/<subcommand>.yaml, which lists every key
 with its default; the rest are Hydra overrides of it, as for the other commands. `build`
 embeds a gallery with a checkpoint's model and saves the index its head calls for, recording the checkpoint
-(path, SHA-256) and image size. `query` embeds the query images with the recorded model (or `ckpt=`) and
-prints the ranked gallery paths with their distances; a checkpoint whose SHA-256 differs from the recorded
-one is refused unless `allow_changed_model=true`. With `max_distance=`, a query lists only the hits at
+(path, SHA-256) and image size, and each image's pid and camera as its `layout` gives them. `query` embeds
+the query images with the recorded model (or `ckpt=`) and prints the ranked gallery paths with their
+distances; a checkpoint whose SHA-256 differs from the recorded one is refused unless
+`allow_changed_model=true`. With `max_distance=`, a query lists only the hits at
 distance <= max_distance: the "same person" threshold `python -m agw_light.evaluate` reports for a target FPR
 (metrics.json, "verification"). `cameras=`, `since=`/`until=` (a Milvus gallery's time window) and
 `exclude_own_camera=true` filter the gallery. `add` embeds images with the model a collection records
@@ -23,7 +25,8 @@ distance <= max_distance: the "same person" threshold `python -m agw_light.evalu
 nothing and is named). How: `agw_light.gallery_index`; docs/galleries.md.
 
 The subcommands compose their config without starting a Hydra job: they write only the index named by `out=` or
-`collection=` (no run folder, no log file).
+`collection=` (no run folder, no log file). They check their settings before loading a model, and a bad setting or
+file ends them with a one-line reason (exit status 1), never a traceback.
 """
 
 from __future__ import annotations
@@ -113,13 +116,11 @@ COMMANDS = {"build": build, "query": query, "add": add, "delete": delete}
 
 
 def main(argv: list[str] | None = None) -> None:
-    from agw_light.gallery_index import GalleryIndexError
-
     verb, options = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         COMMANDS[verb](options)
-    except GalleryIndexError as error:
-        raise SystemExit(str(error)) from error
+    except (OSError, ValueError, LookupError) as error:  # bad settings, files or models: the reason, one line
+        raise SystemExit(f"{verb}: {error}") from error
 
 
 if __name__ == "__main__":

@@ -96,23 +96,33 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     from agw_light.lit.checkpointing import TrainingInterrupted
 
-    started = time.perf_counter()
+    started = time.perf_counter(), cpu_seconds()
     try:
         train(cfg)
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)  # 130 (SIGINT) or 143 (SIGTERM), as a shell reports a signalled job
-    log_run_cost(started)
+    log_run_cost(*started)
 
 
-def log_run_cost(started: float) -> None:
-    """Logs the run's wall time and CPU time (user + sys of this process and its finished loader workers).
+def cpu_seconds() -> float:
+    """User + sys CPU seconds so far of this process and of its finished children (the loader workers)."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
+def log_run_cost(started: float, cpu_started: float) -> None:
+    """Logs the run's own wall time and CPU time: the differences from `started` (time.perf_counter()) and
+    `cpu_started` (`cpu_seconds()`) taken when it began, since a multirun's jobs share one process and its
+    counters.
 
     CPU time compares machines better than wall time, which depends on what else runs beside the job.
     """
-    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
-    log.info("run took %.0f s wall time, %.0f s CPU time", time.perf_counter() - started, cpu)
+    log.info(
+        "run took %.1f s wall time, %.1f s CPU time",
+        time.perf_counter() - started,
+        cpu_seconds() - cpu_started,
+    )
 
 
 if __name__ == "__main__":

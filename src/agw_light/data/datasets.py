@@ -28,8 +28,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agw_light.data.layouts import MAX_ID, LayoutSample, read_image_lists, scan_identity_folders
-from agw_light.images import FORMATS_TEXT, IMAGE_FORMATS
+from agw_light.data.layouts import (
+    MAX_ID,
+    NON_NEGATIVE_INTEGER,
+    LayoutSample,
+    read_image_list,
+    read_image_lists,
+    scan_identity_folder,
+    scan_identity_folders,
+)
+from agw_light.images import FORMATS_TEXT, IMAGE_FORMATS, list_image_files
 
 Sample = tuple[str, int, int]
 
@@ -269,19 +277,26 @@ def _locate_folder_layout(root: str | Path, dataset: str, folder: str) -> Path:
 def _scan_split(split_dir: str, pattern: re.Pattern[str], pattern_text: str, num_cams: int | None) -> list[Sample]:
     """Every .jpg in the folder (other files, e.g. Windows' Thumbs.db, are not images and are skipped)."""
     names = sorted(entry.name for entry in os.scandir(split_dir) if entry.name.endswith(".jpg"))
-    samples = []
-    for name in names:
+    return [
+        (path, *_name_labels(path, ((pattern, num_cams),), pattern_text))
+        for path in (f"{split_dir}{os.sep}{name}" for name in names)
+    ]
+
+
+def _name_labels(path: str, patterns: Sequence[tuple[re.Pattern[str], int | None]], expected: str) -> tuple[int, int]:
+    """(pid, 0-based camera) of a file name matching one of `patterns` (each with its camera count, None: any
+    number), else a ValueError naming the file and the `expected` form."""
+    name = os.path.basename(path)
+    for pattern, num_cams in patterns:
         match = pattern.fullmatch(name)
         if match is None:
-            raise ValueError(f"cannot parse image name {os.path.join(split_dir, name)!r}: expected {pattern_text}")
+            continue
         camera = int(match[2])
         if camera < 1 or (num_cams is not None and camera > num_cams):
             limit = f"1..{num_cams}" if num_cams is not None else ">= 1"
-            raise ValueError(
-                f"image {os.path.join(split_dir, name)!r} has camera c{camera}; expected a camera in {limit}"
-            )
-        samples.append((f"{split_dir}{os.sep}{name}", int(match[1]), camera - 1))
-    return samples
+            raise ValueError(f"image {path!r} has camera c{camera}; expected a camera in {limit}")
+        return int(match[1]), camera - 1
+    raise ValueError(f"cannot parse image name {path!r}: expected {expected}")
 
 
 def _parse_folder_layout(
@@ -436,6 +451,78 @@ def parse_synthetic(root: str | Path, **generator_options) -> ReIDDataset:
         pattern_text=MARKET_NAME_TEXT,
         num_cams=None,
     )
+
+
+# How `read_image_folder` reads pids and cameras, and the names of the layouts it knows.
+FOLDER_LAYOUTS = ("auto", "market", "image_folders", "image_list", "none")
+REID_NAMES = ((MARKET_NAME, None), (DUKE_NAME, None))
+REID_NAMES_TEXT = f"a Market-1501 name {MARKET_NAME_TEXT} or a DukeMTMC-reID name {DUKE_NAME_TEXT}"
+
+
+def read_image_folder(
+    folder: str | Path,
+    layout: str = "auto",
+    *,
+    camera_pattern: str | None = None,
+    list_file: str | None = None,
+) -> tuple[str, list[LayoutSample]]:
+    """The images of one folder with the pid and camera a dataset layout gives them: what a gallery index
+    records, read by the parsers the datasets use (no second parser).
+
+    Layouts: "market", every image below `folder` named as Market-1501 or DukeMTMC-reID name theirs
+    (``<pid>_c<camera>...``); "image_folders", ``<folder>/<pid>/<image>`` with the camera from `camera_pattern`
+    (`layouts.scan_identity_folder`); "image_list", the images `list_file` lists, ``<path> <pid> [<camid>]``
+    per line, paths relative to `folder` (`layouts.read_image_list`); "none", every image below `folder`
+    without labels. "auto" picks image_list when `list_file` is given, image_folders when `camera_pattern` is,
+    else market when every name is one, else image_folders when every image lies in a pid folder, else none.
+
+    Args:
+        folder: the image folder (absolute paths are returned).
+        layout: one of FOLDER_LAYOUTS.
+        camera_pattern: image_folders' regular expression with one group around the camera number.
+        list_file: image_list's list file, relative to `folder` or absolute.
+
+    Returns:
+        (the layout read, [(absolute path, pid or -1 for none, 0-based camera or None when unknown)]).
+
+    Raises:
+        ValueError: an unknown layout, an option the layout does not take, or an image the layout cannot label
+            (named, with the form expected).
+    """
+    if layout not in FOLDER_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {', '.join(FOLDER_LAYOUTS)}")
+    for option, value, takes in (
+        ("camera_pattern", camera_pattern, "image_folders"),
+        ("list_file", list_file, "image_list"),
+    ):
+        if value is not None and layout not in ("auto", takes):
+            raise ValueError(f"{option}={value!r} is read by layout={takes} only, not layout={layout}")
+    if camera_pattern is not None and list_file is not None:
+        raise ValueError("camera_pattern and list_file belong to two layouts (image_folders, image_list): give one")
+    root = os.path.abspath(Path(folder).expanduser())
+    if layout == "image_list" or (layout == "auto" and list_file is not None):
+        if list_file is None:
+            raise ValueError("layout=image_list needs list_file=<list of '<path> <pid> [<camid>]' lines>")
+        return "image_list", read_image_list(root, list_file)
+    if layout == "image_folders" or (layout == "auto" and camera_pattern is not None):
+        return "image_folders", scan_identity_folder(root, camera_pattern=camera_pattern)
+    paths = [str(path) for path in list_image_files(root)]
+    if layout == "market" or (layout == "auto" and all(_is_reid_name(path) for path in paths)):
+        return "market", [(path, *_name_labels(path, REID_NAMES, REID_NAMES_TEXT)) for path in paths]
+    if layout == "auto" and all(_in_pid_folder(path, root) for path in paths):
+        return "image_folders", scan_identity_folder(root)
+    return "none", [(path, -1, None) for path in paths]
+
+
+def _is_reid_name(path: str) -> bool:
+    name = os.path.basename(path)
+    return any(pattern.fullmatch(name) for pattern, _ in REID_NAMES)
+
+
+def _in_pid_folder(path: str, root: str) -> bool:
+    """Whether `path` is ``<root>/<pid>/<image>``."""
+    parent = os.path.dirname(path)
+    return os.path.dirname(parent) == root and NON_NEGATIVE_INTEGER.fullmatch(os.path.basename(parent)) is not None
 
 
 # A parser reads the dataset under its root (first argument) with its own keyword arguments.

@@ -15,10 +15,14 @@ List files (`read_image_lists`), one per split, each line ``<path> <pid> [<camid
 * every listed image must exist; an image listed twice in one split is an error, and so is an image whose
   pid differs between the query and gallery lists (listing a query image in the gallery too is fine).
 
-A folder per identity (`scan_identity_folders`): ``<root>/<split>/<pid>/<image>``, pid folders named by
-non-negative integers; the camera comes from an optional regular expression with one group of digits
-searched in the file name (e.g. ``c(\\d+)``). Files that are not images (by extension) are skipped, hidden
-entries (``.name``) too; a file directly in a split folder is an error.
+One list file alone (`read_image_list`) follows the rules of one split: what a gallery index reads its labels
+from.
+
+A folder per identity (`scan_identity_folders`; one split folder alone: `scan_identity_folder`):
+``<root>/<split>/<pid>/<image>``, pid folders named by non-negative integers; the camera comes from an optional
+regular expression with one group of digits searched in the file name (e.g. ``c(\\d+)``). Files that are not
+images (by extension) are skipped, hidden entries (``.name``) too; a file directly in a split folder is an
+error.
 """
 
 from __future__ import annotations
@@ -117,32 +121,55 @@ def read_image_lists(
     first_line: dict[bool, str] = {}  # has a camid -> where the first such line is
     seen: dict[str, dict[str, tuple[str, int]]] = {}  # split -> image -> (where, pid)
     for split, name in files.items():
-        list_path = os.path.join(root, name)
-        if not os.path.isfile(list_path):
-            raise FileNotFoundError(f"image_list {split} list {list_path!r} does not exist; expected {expected}")
-        rows = _read_list(list_path, root)
-        if not rows:
-            raise ValueError(f"{list_path}: lists no image; expected lines {LIST_LINE_TEXT}")
         images = seen.setdefault(split, {})
-        for line_number, (image, pid, camid) in rows:
-            where = f"{list_path}, line {line_number}"
-            first_line.setdefault(camid is not None, where)
-            if len(first_line) > 1:
-                has, lacks = first_line[True], first_line[False]
-                raise ValueError(
-                    f"{where}: mixes lines with and without a camid ({has} has one, {lacks} has none); give every "
-                    "line of every list a camid, or none"
-                )
-            if image in images:
-                raise ValueError(
-                    f"{where}: image {image!r} is listed twice in the {split} list (first at {images[image][0]})"
-                )
-            images[image] = (where, pid)
-            if split == "gallery" and image in seen["query"] and seen["query"][image][1] != pid:
-                other, other_pid = seen["query"][image]
-                raise ValueError(f"{where}: image {image!r} has pid {pid}, but pid {other_pid} at {other}")
-        splits[split] = [sample for _, sample in rows]
+        splits[split] = _checked_list(root, name, split, expected, first_line, images)
+        if split == "gallery":
+            for image, (where, pid) in images.items():
+                if image in seen["query"] and seen["query"][image][1] != pid:
+                    other, other_pid = seen["query"][image]
+                    raise ValueError(f"{where}: image {image!r} has pid {pid}, but pid {other_pid} at {other}")
     return splits
+
+
+def read_image_list(root: str | Path, list_file: str) -> list[LayoutSample]:
+    """One list file (relative to `root`, or absolute) with the rules of one split of `read_image_lists`:
+    ``<path> <pid> [<camid>]`` per line, paths relative to `root`, a camid on every line or on none, no image
+    listed twice. What `python -m agw_light.search build layout=image_list` reads a gallery's labels from."""
+    expected = f"a folder holding the list file {list_file}"
+    return _checked_list(_dataset_root(root, "image_list", expected), list_file, "gallery", expected, {}, {})
+
+
+def _checked_list(
+    root: str,
+    name: str,
+    split: str,
+    expected: str,
+    first_line: dict[bool, str],
+    images: dict[str, tuple[str, int]],
+) -> list[LayoutSample]:
+    """The samples of one list file, each line checked; `first_line` (has a camid -> where first seen) and
+    `images` (image -> (where, pid)) carry what the lists read before it held, and gain this one's."""
+    list_path = os.path.join(root, name)
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(f"image_list {split} list {list_path!r} does not exist; expected {expected}")
+    rows = _read_list(list_path, root)
+    if not rows:
+        raise ValueError(f"{list_path}: lists no image; expected lines {LIST_LINE_TEXT}")
+    for line_number, (image, pid, camid) in rows:
+        where = f"{list_path}, line {line_number}"
+        first_line.setdefault(camid is not None, where)
+        if len(first_line) > 1:
+            has, lacks = first_line[True], first_line[False]
+            raise ValueError(
+                f"{where}: mixes lines with and without a camid ({has} has one, {lacks} has none); give every "
+                "line of every list a camid, or none"
+            )
+        if image in images:
+            raise ValueError(
+                f"{where}: image {image!r} is listed twice in the {split} list (first at {images[image][0]})"
+            )
+        images[image] = (where, pid)
+    return [sample for _, sample in rows]
 
 
 def _camera_regex(camera_pattern: str) -> re.Pattern[str]:
@@ -189,24 +216,37 @@ def scan_identity_folders(
         split_dir = os.path.join(root, folder)
         if not os.path.isdir(split_dir):
             raise FileNotFoundError(f"image_folders {split} folder {split_dir!r} does not exist; expected {expected}")
-        samples: list[LayoutSample] = []
-        for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
-            if entry.name.startswith("."):
-                continue
-            if not entry.is_dir():
-                raise ValueError(f"{entry.path!r} is a file in the {split} folder; expected only identity folders")
-            if not NON_NEGATIVE_INTEGER.fullmatch(entry.name):
-                raise ValueError(
-                    f"identity folder {entry.path!r}: {entry.name!r} is not a pid; expected a folder per identity "
-                    "named by its non-negative integer id"
-                )
-            for name in sorted(os.listdir(entry.path)):
-                image = os.path.join(entry.path, name)
-                if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES) or not os.path.isfile(image):
-                    continue
-                pid = checked_id(entry.name, "pid", f"identity folder {entry.path!r}", "a folder named by its pid")
-                samples.append((image, pid, None if regex is None else _camera(regex, image)))
-        if not samples:
-            raise ValueError(f"image_folders {split} folder {split_dir!r} holds no image; expected {expected}")
-        splits[split] = samples
+        splits[split] = _scan_split_folder(split_dir, split, regex, expected)
     return splits
+
+
+def scan_identity_folder(folder: str | Path, *, camera_pattern: str | None = None) -> list[LayoutSample]:
+    """One split folder of `scan_identity_folders`, ``<folder>/<pid>/<image>``, as samples (names sorted), the
+    camera read with `camera_pattern` (None: unknown). What `python -m agw_light.search build
+    layout=image_folders` reads a gallery's labels from."""
+    expected = "a folder per identity in it, named by its pid"
+    regex = None if camera_pattern is None else _camera_regex(camera_pattern)
+    return _scan_split_folder(_dataset_root(folder, "image_folders", expected), "gallery", regex, expected)
+
+
+def _scan_split_folder(split_dir: str, split: str, regex: re.Pattern[str] | None, expected: str) -> list[LayoutSample]:
+    samples: list[LayoutSample] = []
+    for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise ValueError(f"{entry.path!r} is a file in the {split} folder; expected only identity folders")
+        if not NON_NEGATIVE_INTEGER.fullmatch(entry.name):
+            raise ValueError(
+                f"identity folder {entry.path!r}: {entry.name!r} is not a pid; expected a folder per identity "
+                "named by its non-negative integer id"
+            )
+        for name in sorted(os.listdir(entry.path)):
+            image = os.path.join(entry.path, name)
+            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES) or not os.path.isfile(image):
+                continue
+            pid = checked_id(entry.name, "pid", f"identity folder {entry.path!r}", "a folder named by its pid")
+            samples.append((image, pid, None if regex is None else _camera(regex, image)))
+    if not samples:
+        raise ValueError(f"image_folders {split} folder {split_dir!r} holds no image; expected {expected}")
+    return samples

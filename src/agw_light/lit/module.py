@@ -129,6 +129,8 @@ class LitReID(pl.LightningModule):
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        # The epoch's mean as well: an epoch shorter than trainer.log_every_n_steps logs no step value at all.
+        self.log("train/epoch_loss", total, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return total
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from agw_light.files import write_atomic
-from agw_light.reporting.runs import CURVE_TAGS, RunFailure, RunRow, read_scalar_curves
+from agw_light.reporting.runs import EPOCH_LOSS_TAG, RunFailure, RunRow, read_scalar_curves
 from agw_light.reporting.tables import VERIFICATION_FPRS
 
 
@@ -75,24 +76,63 @@ def roc_curves(rows: Sequence[RunRow]) -> dict[str, dict[str, dict[str, list]]]:
     return by_dataset
 
 
+# The panels of the training-curve plot, in order.
+CURVE_PANELS = ("train/loss", "val/mAP", "test/mAP")
+
+
 def plot_training_curves(curves: dict[str, dict[str, tuple[list, list]]], dataset: str, path: Path) -> None:
-    """train/loss and val/mAP or test/mAP (those logged) against step, one line per run (keyed by its label)."""
+    """`training_curves_figure` written as a PNG."""
+    figure = training_curves_figure(curves, dataset)
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+
+
+def training_curves_figure(curves: dict[str, dict[str, tuple[list, list]]], dataset: str) -> Any:
+    """train/loss and val/mAP or test/mAP (those logged) against step, one line per run (keyed by its label).
+
+    A run that logged no step value of train/loss (every epoch shorter than trainer.log_every_n_steps) shows its
+    per-epoch means (train/epoch_loss) instead, marked so in the legend. The rows sum different loss terms
+    (cross-entropy, triplet, distillation, code losses), so their totals differ by orders of magnitude: the loss
+    axis is logarithmic, said in its title, and each line compares with itself over time.
+    """
     from matplotlib.figure import Figure
 
-    tags = [tag for tag in CURVE_TAGS if any(tag in run_curves for run_curves in curves.values())]
-    figure = Figure(figsize=(5.5 * len(tags), 4), layout="constrained")
+    losses = {label: _loss_curve(run_curves) for label, run_curves in curves.items()}
+    panels = [tag for tag in CURVE_PANELS if any(tag in run_curves for run_curves in curves.values())]
+    if any(loss is not None for loss in losses.values()) and "train/loss" not in panels:
+        panels.insert(0, "train/loss")
+    figure = Figure(figsize=(5.5 * max(len(panels), 1), 4), layout="constrained")
     figure.suptitle(f"training curves, {dataset}")
-    for axes, tag in zip(figure.subplots(1, len(tags), squeeze=False)[0], tags, strict=True):
+    if not panels:
+        figure.text(0.5, 0.5, "no training curve was logged", ha="center")
+    for axes, tag in zip(figure.subplots(1, len(panels), squeeze=False)[0] if panels else [], panels, strict=True):
         for label, run_curves in curves.items():
-            if tag in run_curves:
-                steps, values = run_curves[tag]
-                axes.plot(steps, values, label=label, marker="." if len(steps) < 30 else None)
+            if tag == "train/loss":
+                found = losses[label]
+            else:
+                found = (run_curves[tag], "") if tag in run_curves else None
+            if found is not None:
+                (steps, values), note = found
+                axes.plot(steps, values, label=label + note, marker="." if len(steps) < 30 else None)
         axes.set_title(tag)
+        if tag == "train/loss":
+            plotted = [value for line in axes.get_lines() for value in line.get_ydata()]
+            if plotted and min(plotted) > 0:
+                axes.set_yscale("log")
+                axes.set_title("train/loss: each row's summed loss terms (log scale)")
         axes.set_xlabel("step")
         axes.grid(True, alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=8)
-    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+    return figure
+
+
+def _loss_curve(run_curves: dict[str, tuple[list, list]]) -> tuple[tuple[list, list], str] | None:
+    """((steps, values), legend note) of a run's loss: its step values, else its epoch means, else None."""
+    if run_curves.get("train/loss", ([], []))[0]:
+        return run_curves["train/loss"], ""
+    if run_curves.get(EPOCH_LOSS_TAG, ([], []))[0]:
+        return run_curves[EPOCH_LOSS_TAG], " (epoch means: no step logged)"
+    return None
 
 
 def dataset_curves(

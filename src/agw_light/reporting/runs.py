@@ -13,8 +13,10 @@ from agw_light.results import TABLE_ROWS, read_metrics, table_place
 CONFIG_TYPES: dict[str, type] = {"light.name": str, "dataset.name": str}
 # Rows of a run on other datasets than its own (cross-domain), beside its metrics.json.
 TARGET_METRICS_GLOB = "metrics_*.json"
-# val/mAP: held-out training ids (eval.select=val_split); test/mAP: the test split, monitored only.
-CURVE_TAGS = ("train/loss", "val/mAP", "test/mAP")
+# val/mAP: held-out training ids (eval.select=val_split); test/mAP: the test split, monitored only;
+# train/epoch_loss: each epoch's mean loss, what the plot shows where no step value of train/loss was logged.
+CURVE_TAGS = ("train/loss", "val/mAP", "test/mAP", "train/epoch_loss")
+EPOCH_LOSS_TAG = "train/epoch_loss"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ METRIC_COLUMNS = (
     "checkpoint_sha256",
 )
 
-# Same-person verification columns (empty for rows written before verification existed).
+# Same-person verification columns (empty for rows written before verification existed, and at an FPR the row's
+# negative pairs cannot resolve: fewer than 1 / FPR of them).
 VERIFICATION_FPRS = FPR_TARGETS
 
 VERIFICATION_COLUMNS = tuple(
@@ -91,11 +92,20 @@ def verification_at(metrics: dict[str, Any], fpr: float) -> dict[str, Any] | Non
     return next((entry for entry in metrics.get("verification", ()) if entry["target_fpr"] == fpr), None)
 
 
+def resolves(metrics: dict[str, Any], fpr: float) -> bool:
+    """Whether the row's negative pairs can measure a false-positive rate of `fpr`: one false positive among
+    them is a rate of 1 / negative_pairs, so fewer than 1 / fpr of them cannot tell `fpr` from 0 (rows that do
+    not record the count are taken as they are)."""
+    negatives = metrics.get("negative_pairs")
+    return negatives is None or negatives * fpr >= 1
+
+
 def _verification_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The CSV's TPR and threshold at each FPR; empty where the row has no entry or too few negative pairs."""
     fields = {}
     for fpr in VERIFICATION_FPRS:
         entry = verification_at(metrics, fpr)
-        if entry is not None:
+        if entry is not None and resolves(metrics, fpr):
             fields[f"TPR@FPR={fpr:.0e}"], fields[f"threshold@FPR={fpr:.0e}"] = entry["tpr"], entry["threshold"]
     return fields
 
@@ -170,7 +180,7 @@ def _verification_lines(root: Path, rows: Sequence[RunRow], roc_files: dict[str,
         "## Same-person verification",
         "",
         "All query x gallery pairs but same-identity same-camera ones; same person iff distance <= threshold "
-        "(1 - cosine, or Hamming bits).",
+        "(1 - cosine, or Hamming bits). An FPR below 1 / (negative pairs) cannot be measured: not resolved.",
         "",
         header,
         "|" + "---|" * header.count(" | ") + "---|",
@@ -179,7 +189,12 @@ def _verification_lines(root: Path, rows: Sequence[RunRow], roc_files: dict[str,
         cells = []
         for fpr in VERIFICATION_FPRS:
             entry = verification_at(m, fpr)
-            cells.append("-" if entry is None else f"{entry['tpr']:.3f} ({_threshold_text(entry['threshold'])})")
+            if entry is None:
+                cells.append("-")
+            elif not resolves(m, fpr):
+                cells.append(f"not resolved ({m['negative_pairs']:,} negative pairs)")
+            else:
+                cells.append(f"{entry['tpr']:.3f} ({_threshold_text(entry['threshold'])})")
         lines.append(
             f"| {run.label} | {run.dataset} | {target} | {m['metric']} | "
             + " | ".join(cells)

@@ -1,37 +1,42 @@
 """A saved gallery index's link to its images and to the model that filled it.
 
 An index built from images (`python -m agw_light.search build`) records the checkpoint that embedded them
-(absolute path and SHA-256) and the image size in its manifest. Whoever embeds queries for it (the search
-command, the service) must use that same model, or its outputs will not match the index: one check here.
+(absolute path and SHA-256) and the image size in its manifest, under the keys metrics.json uses for the same
+things ("checkpoint", "checkpoint_sha256", "image_size"; indexes written before issue 21 say "ckpt" and
+"ckpt_sha256", still read). Whoever embeds queries for it (the search command, the service) must use that same
+model, or its outputs will not match the index: one check here.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from agw_light.search.index import GalleryIndex, SearchIndex
 
-# Market-1501 / DukeMTMC-reID style names: <pid>_c<camera>...
-REID_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+# Record keys of indexes written before issue 21 -> today's (metrics.json's names for the same things).
+LEGACY_RECORD_KEYS = {"ckpt": "checkpoint", "ckpt_sha256": "checkpoint_sha256"}
 # Where agw_light before the record moved into the manifest kept the model, outside the atomic save.
 LEGACY_MODEL_RECORD = "model.json"
 # Where a gallery lives: an index folder loaded into this process, or a Milvus collection (Lite file or server).
 BACKENDS = ("in_process", "milvus")
 
 
-def reid_labels(path: Path) -> tuple[int, int]:
-    """(pid, 0-based camera) from a Market/Duke-style file name, (-1, -1) when the name says nothing."""
-    match = REID_NAME.match(path.name)
-    return (int(match.group(1)), int(match.group(2)) - 1) if match else (-1, -1)
-
-
 def model_record(checkpoint: str | Path, sha256: str, image_size: tuple[int, int]) -> dict[str, Any]:
     """The manifest's record of the model that embeds a gallery: absolute path, SHA-256 (of the bytes the model
     was loaded from) and image size."""
-    return {"ckpt": str(Path(checkpoint).resolve()), "ckpt_sha256": sha256, "image_size": list(image_size)}
+    return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256, "image_size": list(image_size)}
+
+
+def read_record(record: dict[str, Any] | None) -> dict[str, Any]:
+    """An index's record under today's keys: an older index's "ckpt" / "ckpt_sha256" read as "checkpoint" /
+    "checkpoint_sha256" (a key in today's name wins); None (no record) reads as {}."""
+    record = dict(record or {})
+    for old, new in LEGACY_RECORD_KEYS.items():
+        if old in record:
+            record.setdefault(new, record.pop(old))
+    return record
 
 
 def checkpoint_mismatch(
@@ -39,12 +44,13 @@ def checkpoint_mismatch(
 ) -> str | None:
     """Why `checkpoint` (whose bytes hash to `actual`) is not the one recorded as having built the index, or None
     when it is, or when the record names no SHA-256."""
-    recorded = record.get("ckpt_sha256")
+    record = read_record(record)
+    recorded = record.get("checkpoint_sha256")
     if not recorded or actual == recorded:
         return None
     return (
         f"checkpoint {checkpoint}: SHA-256 {actual}, but the index {index_dir} was built by a checkpoint with "
-        f"SHA-256 {recorded} ({record.get('ckpt')}); its outputs would not match the index"
+        f"SHA-256 {recorded} ({record.get('checkpoint')}); its outputs would not match the index"
     )
 
 
@@ -72,18 +78,18 @@ def recorded_checkpoint(
     Returns:
         The recorded checkpoint's path and image size (None when the record has none).
     """
-    record = index.record or {}
+    record = read_record(index.record)
     manifest = record_holder or Path(index_dir) / "manifest.json"
-    if not record.get("ckpt") or not record.get("ckpt_sha256"):
+    if not record.get("checkpoint") or not record.get("checkpoint_sha256"):
         raise ValueError(
             f"{manifest}: records no checkpoint and SHA-256 (the index was not written by `python -m "
             "agw_light.search build`): the model that fills it is unknown; rebuild it with that command"
         )
-    checkpoint = Path(record["ckpt"])
+    checkpoint = Path(record["checkpoint"])
     if not checkpoint.is_file():
         raise FileNotFoundError(
             f"checkpoint {checkpoint}: not found; the index {index_dir} was built by it (SHA-256 "
-            f"{record['ckpt_sha256']}): restore that file or rebuild the index"
+            f"{record['checkpoint_sha256']}): restore that file or rebuild the index"
         )
     size = record.get("image_size")
     if size is None:

@@ -164,7 +164,7 @@ class MilvusIndex(GalleryIndex):
         """The gallery `collection` at `uri`, written by `create`.
 
         `expect`: what the caller's model requires, refused with both values named when the collection
-        differs: the geometry keys "kind", "d", "code_lengths", and any key of the record (e.g. "ckpt_sha256",
+        differs: the geometry keys "kind", "d", "code_lengths", and any key of the record (e.g. "checkpoint_sha256",
         "image_size"); a record key the collection lacks counts as a difference.
         """
         connection = _Connection.open(uri, token, timeout, create=False)

@@ -37,7 +37,7 @@ from agw_light.inference.checkpoint import load_checkpoint
 from agw_light.search import GalleryMetadata, load_index
 from agw_light.search.codes import as_numpy
 from agw_light.search.filters import filtered_search
-from agw_light.search.gallery import checkpoint_mismatch, open_gallery, recorded_checkpoint
+from agw_light.search.gallery import checkpoint_mismatch, open_gallery, read_record, recorded_checkpoint
 from agw_light.search.index import GalleryIndex
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class GallerySearch:
 
     def describe(self) -> dict[str, Any]:
         """What /health reports: the index's size, width and kind, and the model that fills it."""
-        record = self.index.record or {}
+        record = read_record(self.index.record)
         return {
             "status": "ok",
             "size": self.index.ntotal,
@@ -181,7 +181,7 @@ class GallerySearch:
             "backend": self.index.backend,
             "writable": self.writable,
             "distance": self.encoder.distance,
-            "checkpoint_sha256": record.get("ckpt_sha256"),
+            "checkpoint_sha256": record.get("checkpoint_sha256"),
             "image_size": list(self.encoder.image_size),
             "has_metadata": self.writable or self.index.metadata is not None,
         }
