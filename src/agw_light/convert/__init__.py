@@ -33,7 +33,7 @@ from agw_light.data.transforms import Preprocessing
 from agw_light.files import write_atomic
 from agw_light.inference.checkpoint import load_checkpoint
 from agw_light.models import build_model
-from agw_light.models.backbones import key_list
+from agw_light.models.backbones import key_list, key_problems
 
 log = logging.getLogger(__name__)
 # The test image size of every source's published configs (fast-reid SIZE_TEST, ReID-Survey IMG_SIZE,
@@ -205,17 +205,17 @@ def _strict_weights(
         for key in target
         if key in filled and filled[key].shape != target[key].shape
     ]
-    problems = []
-    if unused:
-        problems.append(f"source keys no agw_light weight takes: {key_list(unused)}")
-    if unfilled:
-        problems.append(f"agw_light weights the file does not fill: {key_list(unfilled)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {key_list(mismatched)}")
-    if problems:
+    summary = key_problems(
+        {
+            "source keys no agw_light weight takes": unused,
+            "agw_light weights the file does not fill": unfilled,
+            "shape mismatches": mismatched,
+        }
+    )
+    if summary:
         raise ValueError(
             f"src={src} does not convert as {format} ({reading.model['backbone']}, neck {reading.model['neck']}): "
-            + "; ".join(problems)
+            + summary
             + ". The network is not one agw_light reproduces (IBN or SE blocks, ResNet-101, an embedding conv, "
             "another head), or the format is another one: try format=auto"
         )

@@ -258,18 +258,16 @@ def load_backbone_state_dict(backbone: ResNetBackbone, state_dict: Mapping[str, 
         for key in own
         if key in state_dict and state_dict[key].shape != own[key].shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {key_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {key_list(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {key_list(mismatched)}")
-    if problems:
-        summary = "; ".join(problems)
+    summary = key_problems({"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched})
+    if summary:
         raise ValueError(f"pretrained weights {source} do not fit the {backbone.name} backbone: {summary}")
     # The keys allowed to be absent keep their fresh values; everything else comes from the file (strict load).
     backbone.load_state_dict({**own, **{key: value for key, value in state_dict.items() if key in own}}, strict=True)
+
+
+def key_problems(problems: Mapping[str, Sequence[str]]) -> str:
+    """ "what: keys; ..." for each kind of problem that has keys (the first 20 of each), "" when none has."""
+    return "; ".join(f"{what}: {key_list(keys)}" for what, keys in problems.items() if keys)
 
 
 def key_list(keys: Sequence[str]) -> str:
