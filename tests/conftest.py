@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def lite_uri(tmp_path_factory) -> str:
     """One Milvus Lite file for the session (pymilvus starts one local server process per file): tests make
     collections of their own in it."""
     return str(tmp_path_factory.mktemp("milvus") / "gallery.db")
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Commands run in-process (Hydra's apps) attach handlers to the root logger that write to the stream pytest
+    captured for that test; a later test's log records would then hit a closed file. Remove what a test added."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
