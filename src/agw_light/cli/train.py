@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fits the configured row, then evaluates its reported checkpoint; returns the metrics written to disk,
-    with the search's objective as "objective" when `optimized_metric` is set (not written).
+    """Fits the configured row, then evaluates its reported checkpoint; returns the metrics written to disk.
+
+    A search's trial (`optimized_metric` set, conf/hparams_search/) returns {"objective": value} instead and
+    evaluates nothing on the test split: the final run of the best parameters reports the test row, once.
 
     The reported checkpoint is the last epoch's (eval.select=last, as the reference implementations report)
     or the best val/mAP on held-out training identities (eval.select=val_split); never one chosen on test data.
@@ -101,14 +103,16 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if run.trainer.fast_dev_run:
         log.info("trainer.fast_dev_run: a smoke test of training; Lightning saves no checkpoint, nothing evaluated")
         return {}
+    if cfg.optimized_metric is not None:  # a search's trial: the test row is the final run's, reported once
+        objective = run.objective(cfg.optimized_metric)
+        log.info("%s = %.4f (the search's objective; no test evaluation in a trial)", cfg.optimized_metric, objective)
+        return {"objective": objective}
     path, selection = run.reported_checkpoint()
     reported, device = load_checkpoint(path), cfg.get("device", "auto")  # read once for every dataset
     metrics = out_dir / "metrics.json"
     row = evaluate_checkpoint(reported, datamodule, protocol, selection=selection, out_path=metrics, device=device)
     evaluate_targets(reported, targets, metrics, protocol, device=device)  # cross-domain rows, if any
     run.record_results(row, metrics)
-    if cfg.optimized_metric is not None:
-        return {**row, "objective": run.objective(cfg.optimized_metric)}
     return row
 
 
