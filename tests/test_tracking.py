@@ -18,22 +18,24 @@ from omegaconf import OmegaConf
 
 from agw_light.builders import build_loggers
 from agw_light.cli.train import train
-from agw_light.tuning import check_objective
+from agw_light.tuning import apply_tuned, check_objective
 
-# Two training batches, no pictures, a short timing and fit: the cheapest run that still goes end to end.
+# Two training batches, no pictures, the inference timing on one image, a small fit: the cheapest run that
+# still goes end to end.
 CHEAP = [
     *ONE_EPOCH,
     "++trainer.limit_train_batches=2",
     "visualize.num_queries=0",
     "visualize.embedding_size=0",
-    "eval.timing_batch_size=8",
+    "eval.timing_batch_size=1",
     "eval.fit_images=64",
 ]
 ALL_LOGGERS = "logger=[tensorboard,csv,mlflow,wandb]"
-# conf/debug/overfit.yaml, shortened: CHEAP validates every epoch, the overfit config's no-validation restored;
-# batches of 2 identities x 4 images.
+# conf/debug/overfit.yaml, shortened to one batch of 2 identities x 4 images fit 4 times; CHEAP validates every
+# epoch, so the overfit config's no-validation is restored.
 OVERFIT = [
     "debug=overfit",
+    "trainer.overfit_batches=1",
     "trainer.max_epochs=4",
     "trainer.check_val_every_n_epoch=100",
     "logger=csv",
@@ -207,7 +209,7 @@ def test_the_sweeper_refuses_a_test_objective_before_its_first_trial(synthetic_c
 
 
 @pytest.mark.slow
-def test_optuna_search_on_held_out_ids_then_the_final_run_of_its_best_trial(synthetic_cache, tmp_path):
+def test_optuna_search_on_held_out_ids_then_the_final_run_of_its_best_trial(synthetic_cache, tmp_path, compose_config):
     sweep = tmp_path / "multirun"
     result = _train_command(
         "hparams_search=full_optuna",
@@ -215,7 +217,8 @@ def test_optuna_search_on_held_out_ids_then_the_final_run_of_its_best_trial(synt
         f"hydra.sweep.dir={sweep}",
         f"dataset.root={synthetic_cache}",
         *TINY_DATA,
-        *CHEAP,
+        *[override for override in CHEAP if "limit_train_batches" not in override],
+        "++trainer.limit_train_batches=1",
         "eval.val_images=32",
         cwd=tmp_path,
     )
@@ -233,16 +236,12 @@ def test_optuna_search_on_held_out_ids_then_the_final_run_of_its_best_trial(synt
     # What each trial returned to the sweeper is that score: the best value is the larger one.
     assert results.best_value == pytest.approx(max(scores.values()), abs=1e-4)
 
-    # The final run: the best parameters, trained once on all training ids, reporting its test row.
-    final = tmp_path / "final"
-    row = train(_compose(synthetic_cache, final, *CHEAP, f"tuned={sweep / 'optimization_results.yaml'}"))
-    assert row["dataset"] == "synthetic" and row["selection"] == "last epoch"
-    import torch
-
-    trained = torch.load(final / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
-    assert trained["lr"] == pytest.approx(results.best_params["optim.lr"])
-    assert trained["weight_decay"] == pytest.approx(results.best_params["optim.weight_decay"])
-    assert trained["losses"][1]["weight"] == pytest.approx(results.best_params["losses.1.weight"])
+    # The final run (`tuned=`, otherwise an ordinary run reporting its test row) takes the best parameters.
+    tuned = compose_config(f"tuned={sweep / 'optimization_results.yaml'}")
+    assert apply_tuned(tuned) == dict(results.best_params)
+    assert tuned.optim.lr == results.best_params["optim.lr"] and tuned.eval.select == "last"
+    assert tuned.optim.weight_decay == results.best_params["optim.weight_decay"]
+    assert tuned.losses[1].weight == results.best_params["losses.1.weight"]
 
 
 def test_tuned_parameters_must_be_keys_of_the_config(compose_config, tmp_path):
@@ -264,13 +263,13 @@ def test_debug_overfit_drives_the_loss_down_on_the_same_batches(compose_config, 
     train(compose_config(*CHEAP, *OVERFIT))
     with open(tmp_path / "run" / "csv" / "metrics.csv", newline="") as handle:
         losses = [float(line["train/loss"]) for line in csv.DictReader(handle) if line.get("train/loss")]
-    assert len(losses) == 8  # 2 batches x 4 epochs
-    assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
+    assert len(losses) == 4  # 1 batch x 4 epochs
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 @pytest.mark.slow
 def test_debug_profiler_writes_its_report(compose_config, tmp_path):
-    train(compose_config(*CHEAP, "debug=profiler", "trainer.limit_val_batches=1"))
+    train(compose_config(*CHEAP, "debug=profiler", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"))
     report = (tmp_path / "run" / "fit-profile.txt").read_text()
     assert "Profiler Report" in report and "run_training_epoch" in report
 
