@@ -100,6 +100,7 @@ def test_mlflow_records_config_metrics_metrics_json_and_checkpoint(tracked_run):
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
     assert run.data.tags["checkpoint"] == row["checkpoint"]
     assert run.data.tags["checkpoint_sha256"] == row["checkpoint_sha256"]
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(out_dir)  # not ./mlruns
     artifact = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(out_dir / "downloaded")))
     assert json.loads(artifact.read_text()) == json.loads((out_dir / "metrics.json").read_text())
 
