@@ -53,6 +53,7 @@ LAYERS = [
             "agw_light.builders",
             "agw_light.service",
             "agw_light.gallery_index",
+            "agw_light.tuning",
         ),
     ),
     (

@@ -319,3 +319,70 @@ def build_module(cfg: DictConfig, num_classes: int, *, resumed: dict[str, Any] |
             f"; the ID classifier starts afresh ({', '.join(dropped)}): model.drop_classifier=true" if dropped else "",
         )
     return module
+
+
+# Trackers that are optional extras: logger name -> the package its Lightning logger needs.
+TRACKER_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
+TRACKING_EXTRA = "pip install 'agw_light[tracking]'"
+# How long the start of a run waits for an MLflow tracking server to answer.
+TRACKING_SERVER_TIMEOUT_S = 10.0
+
+
+def check_tracking_server(uri: str, timeout: float = TRACKING_SERVER_TIMEOUT_S) -> None:
+    """Raises ConnectionError naming `uri` when an http(s) MLflow tracking server does not answer its /health
+    endpoint: a run must fail at its start, not after hours of training when it logs its first metric.
+    Local stores (sqlite:, file:, a path) need no check."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):  # noqa: S310 (http(s) only, checked above)
+            pass
+    except (urllib.error.URLError, OSError) as error:
+        raise ConnectionError(
+            f"logger.mlflow.tracking_uri={uri}: the MLflow tracking server does not answer ({health}: {error}); "
+            "start it (mlflow server ...), fix the URI, or leave tracking_uri at its default local store"
+        ) from error
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The Lightning loggers of the `logger` group (conf/logger/), each a Hydra `_target_` entry, in name order.
+
+    A tracker that is an optional extra is imported only when chosen; missing, it is an error naming the
+    extra. Each logger's run is opened here, before any training: an MLflow server that does not answer, or a
+    store that cannot be written, fails the run at its start.
+    """
+    import importlib.util
+
+    from hydra.utils import instantiate
+    from pytorch_lightning.loggers import Logger
+
+    loggers = []
+    for name, entry in sorted((cfg.get("logger") or {}).items()):
+        package = TRACKER_PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(
+                f"logger={name} needs the {package} package, which is not installed: {TRACKING_EXTRA}"
+            )
+        if name == "mlflow":
+            check_tracking_server(str(entry.tracking_uri))
+        logger = instantiate(entry)
+        if not isinstance(logger, Logger):
+            raise TypeError(f"logger.{name}: {entry.get('_target_')} made a {type(logger).__name__}, not a Logger")
+        _ = logger.experiment  # opens the run (a tracker's store, a W&B run) now rather than at the first metric
+        loggers.append(logger)
+    return loggers
+
+
+def config_parameters(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as a nested dict for a tracker's parameters: resolved where it can be (outside a
+    Hydra job, `${hydra:...}` values stay as written)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # an interpolation that only a running Hydra job resolves
+        return OmegaConf.to_container(cfg, resolve=False)

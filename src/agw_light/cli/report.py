@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for failure in summary.failures:
         print(failure.describe(), file=sys.stderr)
+    comparison = summary.comparison_text()
+    if comparison:
+        print(comparison)
     for path in summary.written:
         print(f"wrote {path}")
     return 1 if summary.failures else 0

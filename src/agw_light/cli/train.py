@@ -1,7 +1,9 @@
 """Train (then evaluate) one table row: `python -m agw_light.train dataset=market1501 light=full`.
 
 With no overrides it runs the quick CPU demo on the generated dataset. Everything is a Hydra override:
-`trainer.devices=2 trainer.strategy=ddp`, `trainer.precision=16-mixed`, `resume=<ckpt>`, `-m light=...`.
+`trainer.devices=2 trainer.strategy=ddp`, `trainer.precision=16-mixed`, `resume=<ckpt>`, `-m light=...`,
+`logger=[tensorboard,mlflow]`, `experiment=market1501_table`, `hparams_search=full_optuna`, `debug=overfit`
+(docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the configured row, then evaluates its reported checkpoint; returns the metrics written to disk.
 
+    A search's trial (`optimized_metric` set, conf/hparams_search/) returns {"objective": value} instead and
+    evaluates nothing on the test split: the final run of the best parameters reports the test row, once.
+
     The reported checkpoint is the last epoch's (eval.select=last, as the reference implementations report)
     or the best val/mAP on held-out training identities (eval.select=val_split); never one chosen on test data.
 
@@ -32,10 +37,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     from agw_light.lit.checkpointing import TrainingInterrupted
     from agw_light.runs import claim_run_folder, record_failure, record_hydra_config
+    from agw_light.tuning import apply_tuned, check_objective
 
+    check_objective(cfg)
     out_dir = Path(cfg.output_dir)
     with claim_run_folder(out_dir, cfg.resume) as claimed:
         try:
+            tuned = apply_tuned(cfg)  # recorded in .hydra/config.yaml below
+            if tuned:
+                log.info("tuned=%s: %s", cfg.tuned, tuned)
             if claimed:
                 record_hydra_config(cfg, out_dir)
             return _fit_and_evaluate(cfg, out_dir)
@@ -50,7 +60,9 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     from agw_light.builders import (
         build_datamodule,
+        build_loggers,
         build_module,
+        config_parameters,
         configured_callbacks,
         evaluation_protocol,
         target_datamodules,
@@ -66,6 +78,7 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     resumed = None if cfg.resume is None else read_resumable(cfg.resume)  # read once, checked before any work
     protocol = evaluation_protocol(cfg)
     callbacks = configured_callbacks(cfg)
+    loggers = build_loggers(cfg)  # before any work: a tracker that is missing or does not answer fails now
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg, holdout_images=protocol.held_out_images())
@@ -80,29 +93,42 @@ def _fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         visualize=cfg.visualize,
         callbacks=callbacks,
         preloaded=None if resumed is None else {cfg.resume: resumed},
+        loggers=loggers,
     )
+    for logger in loggers:
+        logger.log_hyperparams({"config": config_parameters(cfg)})
     run.fit(module, datamodule, ckpt_path=cfg.resume)
     if not run.trainer.is_global_zero:
         return {}
+    if run.trainer.fast_dev_run:
+        log.info("trainer.fast_dev_run: a smoke test of training; Lightning saves no checkpoint, nothing evaluated")
+        return {}
+    if cfg.optimized_metric is not None:  # a search's trial: the test row is the final run's, reported once
+        objective = run.objective(cfg.optimized_metric)
+        log.info("%s = %.4f (the search's objective; no test evaluation in a trial)", cfg.optimized_metric, objective)
+        return {"objective": objective}
     path, selection = run.reported_checkpoint()
     reported, device = load_checkpoint(path), cfg.get("device", "auto")  # read once for every dataset
     metrics = out_dir / "metrics.json"
     row = evaluate_checkpoint(reported, datamodule, protocol, selection=selection, out_path=metrics, device=device)
     evaluate_targets(reported, targets, metrics, protocol, device=device)  # cross-domain rows, if any
+    run.record_results(row, metrics)
     return row
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Trains one run; returns `optimized_metric`'s value (what Hydra's Optuna sweeper maximises), else None."""
     from agw_light.lit.checkpointing import TrainingInterrupted
 
     started = time.perf_counter(), cpu_seconds()
     try:
-        train(cfg)
+        row = train(cfg)
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)  # 130 (SIGINT) or 143 (SIGTERM), as a shell reports a signalled job
     log_run_cost(*started)
+    return row.get("objective")
 
 
 def cpu_seconds() -> float:

@@ -279,7 +279,9 @@ class ReIDDataModule(pl.LightningDataModule):
 
     def _train_dataloader(self, num_replicas: int, rank: int) -> DataLoader:
         train = self.dataset.train
-        sampler = PKSampler(
+        # trainer.overfit_batches (conf/debug/overfit.yaml) means the same batches every epoch.
+        overfits = self.trainer is not None and self.trainer.overfit_batches > 0
+        sampler = (RepeatedDraw if overfits else PKSampler)(
             [pid for _, pid, _ in train],
             num_instances=self.num_instances,
             batch_size=self.batch_size,
@@ -316,6 +318,14 @@ class ReIDDataModule(pl.LightningDataModule):
         return DataLoader(
             images, batch_size=self.test_batch_size, shuffle=False, sampler=shard, **self._loader_options()
         )
+
+
+class RepeatedDraw(PKSampler):
+    """A PKSampler that draws epoch 0's batches every epoch: Lightning's overfit_batches takes the first batches
+    of each epoch, which must be the same ones for the loss to show whether the model can fit them."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(0)
 
 
 def identity_split(train: Sequence[Sample], num_images: int) -> tuple[list[Sample], list[Sample]]:

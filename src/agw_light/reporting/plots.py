@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agw_light.files import write_atomic
+from agw_light.reporting.published import PUBLISHED_ROWS, RowSummary, published_row, summarise_rows
 from agw_light.reporting.runs import EPOCH_LOSS_TAG, RunFailure, RunRow, read_scalar_curves
 from agw_light.reporting.tables import VERIFICATION_FPRS
 
@@ -38,6 +39,47 @@ def plot_accuracy_vs_search_time(rows: Sequence[RunRow], path: Path) -> None:
     axes.set_ylabel("mAP")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(title="dataset")
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+
+
+def published_datasets(rows: Sequence[RunRow]) -> list[str]:
+    """The datasets among `rows` with at least one row the seed published, in name order."""
+    return sorted({summary.dataset for summary in summarise_rows(rows) if published_row(summary) is not None})
+
+
+def plot_published_comparison(rows: Sequence[RunRow], dataset: str, path: Path) -> None:
+    """R1 and mAP per table row of `dataset`: ours (mean, with the seeds' standard deviation as error bars)
+    and the seed's published points (crosses)."""
+    from matplotlib.figure import Figure
+
+    summaries = [summary for summary in summarise_rows(rows) if summary.dataset == dataset and summary.row]
+    figure = Figure(figsize=(8, 3.8), layout="constrained")
+    for number, metric in enumerate(("R1", "mAP")):
+        axes = figure.add_subplot(1, 2, number + 1)
+        values = [getattr(summary, metric) for summary in summaries]
+        axes.errorbar(
+            [summary.row for summary in summaries],
+            [RowSummary.mean(value) for value in values],
+            yerr=[0.0 if len(value) < 2 else RowSummary.spread(value) for value in values],
+            fmt="o",
+            capsize=3,
+            label="ours",
+        )
+        published = PUBLISHED_ROWS[dataset]
+        axes.scatter(
+            sorted(published),
+            [getattr(published[row], metric) for row in sorted(published)],
+            marker="x",
+            color="black",
+            s=50,
+            label="published",
+        )
+        axes.set_xticks(sorted(published))
+        axes.set_xlabel("table row")
+        axes.set_ylabel(metric)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle(f"{dataset}: ours beside the seed's published rows")
     write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
 
 

@@ -36,6 +36,8 @@ class RunRow:
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     # metrics_<target>.json files that could not be read, each with why.
     target_problems: tuple[str, ...] = ()
+    # The run's `seed` (None in a config without one): runs of one row differing only in it are summarised.
+    seed: int | None = None
 
     @property
     def label(self) -> str:
@@ -85,6 +87,10 @@ def _read_config_keys(config_path: Path) -> dict[str, Any]:
                 f"(is this an agw_light.train run?)"
             )
         values[dotted] = node
+    seed = loaded.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"{config_path}: key seed is {seed!r}, expected an integer")
+    values["seed"] = seed
     return values
 
 
@@ -130,6 +136,7 @@ def read_run(run_dir: str | Path) -> RunRow | RunFailure:
         metrics=metrics,
         targets=targets,
         target_problems=problems,
+        seed=keys["seed"],
         **place,
     )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agw_light.protocol import FPR_TARGETS
+from agw_light.reporting.published import PUBLISHED_SOURCE, RowSummary, published_row, summarise_rows
 from agw_light.reporting.runs import RunFailure, RunRow
 from agw_light.results import rerank_text
 
@@ -205,6 +206,68 @@ def _verification_lines(root: Path, rows: Sequence[RunRow], roc_files: dict[str,
     return lines
 
 
+def _mean_text(values: Sequence[float]) -> str:
+    """'0.812' for one run, '0.812 ± 0.010' (mean ± sample standard deviation) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{RowSummary.mean(values):.3f} ± {RowSummary.spread(values):.3f}"
+
+
+def published_comparison_lines(rows: Sequence[RunRow]) -> list[str]:
+    """Each real dataset's rows beside the seed's published ones (R1, mAP, ours minus published), as a
+    markdown section; none when no row is of a dataset and table row the seed published."""
+    compared = [(summary, published_row(summary)) for summary in summarise_rows(rows)]
+    compared = [(summary, published) for summary, published in compared if published is not None]
+    if not compared:
+        return []
+    lines = [
+        "",
+        "## Beside the published rows",
+        "",
+        f"Published: {PUBLISHED_SOURCE}. Ours: the mean over a row's runs (± their standard deviation when "
+        "several seeds ran); difference: ours minus published.",
+    ]
+    header = "| dataset | row | runs | R1 | published R1 | R1 difference | mAP | published mAP | mAP difference |"
+    lines += ["", header, "|" + "---|" * header.count(" | ") + "---|"]
+    for summary, published in compared:
+        r1, mean_ap = summary.mean(summary.R1), summary.mean(summary.mAP)
+        cells = [
+            summary.dataset,
+            f"{summary.row} ({summary.light})",
+            str(summary.runs),
+            _mean_text(summary.R1),
+            f"{published.R1:.3f}",
+            f"{r1 - published.R1:+.3f}",
+            _mean_text(summary.mAP),
+            f"{published.mAP:.3f}",
+            f"{mean_ap - published.mAP:+.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def seed_summary_lines(rows: Sequence[RunRow]) -> list[str]:
+    """Rows run more than once (a multirun over `seed`): mean ± standard deviation, min and max of R1 and mAP."""
+    repeated = [summary for summary in summarise_rows(rows) if summary.runs > 1]
+    if not repeated:
+        return []
+    header = "| dataset | row | seeds | R1 mean ± sd | R1 min-max | mAP mean ± sd | mAP min-max |"
+    lines = ["", "## Over seeds", "", header, "|" + "---|" * header.count(" | ") + "---|"]
+    for summary in repeated:
+        seeds = ", ".join("?" if seed is None else str(seed) for seed in summary.seeds)
+        cells = [
+            summary.dataset,
+            f"{summary.row or '-'} ({summary.light})",
+            seeds,
+            _mean_text(summary.R1),
+            f"{min(summary.R1):.3f}-{max(summary.R1):.3f}",
+            _mean_text(summary.mAP),
+            f"{min(summary.mAP):.3f}-{max(summary.mAP):.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_text(
     root: Path,
     rows: Sequence[RunRow],
@@ -212,6 +275,7 @@ def markdown_text(
     accuracy_plot: str,
     curve_files: dict[str, str],
     roc_files: dict[str, str] | None = None,
+    published_files: dict[str, str] | None = None,
 ) -> str:
     """results.md: the runs under `root`, linking the plots (file names relative to it) written beside it."""
     devices = sorted({run.metrics["device"] for run in rows})
@@ -248,6 +312,8 @@ def markdown_text(
                 f"`{_relative(run.run_dir, root)}`",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += seed_summary_lines(rows)
+    lines += published_comparison_lines(rows)
     lines += _cross_domain_lines(root, rows)
     lines += _verification_lines(root, rows, roc_files or {})
     problems = [problem for run in rows for problem in run.target_problems]
@@ -260,6 +326,8 @@ def markdown_text(
         ]
         lines += [f"- cross-domain row: {problem}" for problem in problems]
     lines += ["", "## mAP against search time", "", f"![mAP against search ms per query]({accuracy_plot})"]
+    for dataset, name in (published_files or {}).items():
+        lines += ["", f"![{dataset}: R1 and mAP per row beside the published points]({name})"]
     lines += ["", "## Training curves"]
     for dataset, name in curve_files.items():
         lines += ["", f"![training curves, {dataset}]({name})"]
