@@ -30,7 +30,7 @@ import hmac
 import io
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib.resources import files
 from typing import Annotated, Any
@@ -189,7 +189,6 @@ def create_app(
     app.add_middleware(BoundedBody, max_upload_bytes=max_upload_bytes, timeout_s=body_timeout_s)
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-    thumbnail_decodes = threading.BoundedSemaphore(THUMBNAIL_DECODES)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> str:
@@ -237,6 +236,25 @@ def create_app(
             "results": [{**hit_json(hit), "thumbnail": f"/gallery/{hit.position}/thumbnail"} for hit in hits],
         }
 
+    clear_thumbnails = _add_thumbnail_routes(app, gallery, max_image_pixels=max_image_pixels, thumb_size=thumb_size)
+    _add_write_routes(
+        app,
+        gallery,
+        write_token=write_token,
+        max_upload_bytes=max_upload_bytes,
+        max_image_pixels=max_image_pixels,
+        on_delete=clear_thumbnails,
+    )
+    return app
+
+
+def _add_thumbnail_routes(
+    app: FastAPI, gallery: GallerySearch, *, max_image_pixels: int, thumb_size: tuple[int, int]
+) -> Callable[[], None]:
+    """GET /gallery/{position}/thumbnail: gallery images by position (or Milvus id), never by a path from the
+    request, decoded a few at a time and cached; returns what clears that cache."""
+    thumbnail_decodes = threading.BoundedSemaphore(THUMBNAIL_DECODES)
+
     @lru_cache(maxsize=THUMBNAIL_CACHE_ITEMS)
     def thumbnail_bytes(position: int) -> tuple[bytes, str]:
         path = gallery.item_path(position)
@@ -259,6 +277,20 @@ def create_app(
         except LookupError as error:
             raise HTTPException(404, str(error)) from error
         return Response(content, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
+    return thumbnail_bytes.cache_clear
+
+
+def _add_write_routes(
+    app: FastAPI,
+    gallery: GallerySearch,
+    *,
+    write_token: str | None,
+    max_upload_bytes: int,
+    max_image_pixels: int,
+    on_delete: Callable[[], None],
+) -> None:
+    """POST /gallery and DELETE /gallery/{id}, behind the bearer `write_token` (a Milvus gallery only)."""
 
     def may_write(authorization: Annotated[str | None, Header()] = None) -> None:
         """Refuses a write to a read-only gallery (405), without a bearer token (401) or with another (403)."""
@@ -304,7 +336,5 @@ def create_app(
             gallery.delete(item_id)
         except LookupError as error:
             raise HTTPException(404, str(error)) from error
-        thumbnail_bytes.cache_clear()  # its thumbnail is no longer served
+        on_delete()  # its thumbnail is no longer served
         return {"deleted": item_id}
-
-    return app
